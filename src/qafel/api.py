@@ -1,0 +1,218 @@
+"""``run_experiment``: one run from a validated config to run records and a summary (used by run.py and sweeps)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from qafel.algorithms import ServerOptimizer, StalenessWeight
+from qafel.clients import ClientTrainer, LocalTraining
+from qafel.config import quantizer_options, validate
+from qafel.data import FederatedData, build_dataset
+from qafel.engine import Engine, EngineSettings
+from qafel.models import FlatModel, build_module
+from qafel.optimum import objective, solve_optimum
+from qafel.quantizers import Quantizer, build_quantizer
+from qafel.timing import Schedule
+from qafel.tracking import RunRecorder, make_tracker
+
+
+def build_model(cfg: DictConfig, data: FederatedData) -> FlatModel:
+    """The flat model for this dataset, with ``model.l2`` resolved (``inverse_n`` = 1/training samples)."""
+    l2 = 1.0 / len(data.y) if cfg.model.l2 == "inverse_n" else float(cfg.model.l2)
+    return FlatModel(build_module(cfg.model, data.input_shape, data.num_classes), l2=l2)
+
+
+def timing_options(timing: DictConfig) -> dict[str, Any]:
+    """The timing node as a plain dict without the keys the chosen loop does not use (left null)."""
+    return {k: v for k, v in OmegaConf.to_container(timing).items() if v is not None}
+
+
+def local_training(cfg: DictConfig) -> LocalTraining:
+    """The client node as a LocalTraining spec."""
+    bs = cfg.client.batch_size
+    return LocalTraining(lr=float(cfg.client.lr), local_steps=cfg.client.local_steps,
+                         local_epochs=cfg.client.local_epochs, batch_size=None if bs in (None, "full") else int(bs))
+
+
+class Evaluator:
+    """Test accuracy and loss of a flat model; f(x) − f* on the training objective when f* is known."""
+
+    def __init__(self, model: FlatModel, data: FederatedData, optimum: float | None, chunk: int = 4096) -> None:
+        self.model, self.data, self.optimum, self.chunk = model, data, optimum, chunk
+        self._X64 = data.X.double() if optimum is not None else None
+
+    def __call__(self, x: torch.Tensor) -> dict[str, float]:
+        self.model.module.eval()
+        correct, loss_sum, n = 0, 0.0, len(self.data.y_test)
+        with torch.no_grad():
+            for i in range(0, n, self.chunk):
+                Xb, yb = self.data.X_test[i:i + self.chunk], self.data.y_test[i:i + self.chunk]
+                out = self.model.logits(x, Xb)
+                loss_sum += float(self.model.data_loss(out, yb)) * len(yb)
+                correct += int(self.model.correct(out, yb))
+        out: dict[str, float] = {"accuracy": correct / n, "loss": loss_sum / n}
+        if self.optimum is not None:
+            f = objective(self.model, x, self._X64, self.data.y)
+            out["train_objective"] = f
+            out["suboptimality"] = f - self.optimum
+        return out
+
+
+@dataclass
+class RunSetup:
+    """Everything one run is built from, before the event loop starts."""
+
+    cfg: DictConfig
+    data: FederatedData
+    model: FlatModel
+    client_quantizer: Quantizer
+    server_quantizer: Quantizer
+    schedule: Schedule
+    evaluator: Evaluator
+    x0: torch.Tensor
+    f_star: float | None
+
+
+def setup_run(cfg: DictConfig | dict) -> RunSetup:
+    """Validate the config and build data, model, quantizers, schedule and evaluator."""
+    cfg = validate(cfg)
+    device = torch.device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    data = build_dataset(cfg.dataset, cfg.paths.data_root, cfg.seed).to(device)
+    model = build_model(cfg, data)
+    model.module.to(device)
+    qc = build_quantizer(quantizer_options(cfg.client_quantizer), model.layout, key="client_quantizer")
+    qs = build_quantizer(quantizer_options(cfg.server_quantizer), model.layout, key="server_quantizer")
+    schedule = Schedule(timing_options(cfg.timing), data.num_clients, cfg.seed, client_sizes=data.client_sizes.tolist())
+    x0 = model.initial_vector(cfg.seed, cfg.model.init).to(device)
+    want_optimum = cfg.run.compute_optimum if cfg.run.compute_optimum is not None else cfg.model.name == "logreg"
+    f_star = solve_optimum(model, data.X, data.y)[0] if want_optimum else None
+    return RunSetup(cfg, data, model, qc, qs, schedule, Evaluator(model, data, f_star), x0, f_star)
+
+
+def make_engine(s: RunSetup, on_eval: Callable[[dict[str, Any]], None] | None = None,
+                on_server_step: Callable[[int], None] | None = None) -> Engine:
+    """The event loop for a prepared run."""
+    cfg = s.cfg
+    settings = EngineSettings(
+        algorithm=cfg.algorithm.name, buffer_size=cfg.algorithm.buffer_size, server_steps=cfg.run.server_steps,
+        eval_every=cfg.run.eval_every, seed=cfg.seed, reduction=cfg.server.reduction,
+        max_staleness=cfg.server.max_staleness, codec=cfg.run.codec,
+        hidden_state_replicas=cfg.algorithm.hidden_state_replicas, client_batch=cfg.run.client_batch,
+        target_accuracy=cfg.run.target_accuracy)
+    return Engine(settings, x0=s.x0, trainer=ClientTrainer(s.model, s.data, local_training(cfg)),
+                  client_quantizer=s.client_quantizer, server_quantizer=s.server_quantizer,
+                  optimizer=ServerOptimizer(cfg.server, s.model.d, s.x0.device),
+                  staleness_weight=StalenessWeight(cfg.server.staleness), schedule=s.schedule,
+                  evaluate=s.evaluator, on_eval=on_eval, on_server_step=on_server_step)
+
+
+def run_experiment(cfg: DictConfig | dict, output_dir: str | Path,
+                   on_eval: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run one experiment; write ``config.yaml``, ``metrics.jsonl`` and ``summary.json`` to ``output_dir``.
+
+    ``on_eval`` (optional) sees every evaluation record as it is made (sweeps use it for pruning).
+    Returns the summary dict.
+    """
+    t0 = time.perf_counter()
+    s = setup_run(cfg)
+    cfg = s.cfg
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    recorder = RunRecorder(out)
+    tracker = make_tracker(cfg.tracking, OmegaConf.to_container(cfg), out)
+    progress = _progress_bar(cfg) if cfg.run.progress else None
+
+    def log(record: dict[str, Any]) -> None:
+        recorder.log(record)
+        if tracker is not None:
+            tracker.log(record)
+        if progress is not None:
+            progress.set_postfix(acc=f"{record['accuracy']:.3f}", loss=f"{record['loss']:.4g}", refresh=False)
+        if on_eval is not None:
+            on_eval(record)
+
+    engine = make_engine(s, on_eval=log,
+                         on_server_step=(lambda _step: progress.update(1)) if progress is not None else None)
+    try:
+        summary = engine.run()
+    finally:
+        if progress is not None:
+            progress.close()
+        recorder.close()
+    summary.update({
+        "skipped_starts": s.schedule.skipped_starts,
+        "f_star": s.f_star,
+        "partition": s.data.stats,
+        "dataset": cfg.dataset.name,
+        "model": cfg.model.name,
+        "client_quantizer": cfg.client_quantizer.name,
+        "server_quantizer": cfg.server_quantizer.name,
+        "seed": cfg.seed,
+        "wall_time_s": time.perf_counter() - t0,
+        "run_dir": str(out),
+    })
+    recorder.write_summary(summary)
+    if tracker is not None:
+        tracker.finish(summary)
+    return summary
+
+
+def _progress_bar(cfg: DictConfig):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.run.server_steps, desc=f"{cfg.algorithm.name} server steps", unit="step",
+                dynamic_ncols=True)
+
+
+def load_summary(run_dir: str | Path) -> dict[str, Any]:
+    """Read a run directory's summary.json."""
+    return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A human-readable block of the numbers a researcher looks at first."""
+    def mb(n: float | None) -> str:
+        return "-" if n is None else f"{n / 1e6:,.3f} MB"
+
+    lines = [
+        f"status            {summary['status']}",
+        f"algorithm         {summary['algorithm']} (client {summary['client_quantizer']}, "
+        f"server {summary['server_quantizer']})",
+        f"final accuracy    {summary['final_accuracy']:.4f}" if summary.get("final_accuracy") is not None
+        else "final accuracy    -",
+        f"final loss        {summary['final_loss']:.5g}" if summary.get("final_loss") is not None
+        else "final loss        -",
+    ]
+    if summary.get("suboptimality") is not None:
+        lines.append(f"f(x) - f*         {summary['suboptimality']:.4e}")
+    target = summary.get("target_accuracy")
+    if target is not None:
+        hit = summary.get("uploads_to_target")
+        lines.append(f"uploads to {target:.0%}   {hit if hit is not None else 'not reached'}")
+    lines += [
+        f"server steps      {summary['server_steps']:,}",
+        f"uploads           {summary['uploads']:,}",
+        f"bytes uploaded    {mb(summary['bytes_up'])}  ({summary['message_bytes_up'] or 0:,.0f} B/message; "
+        f"fp32 {mb(summary['bytes_up_fp32_equivalent'])})",
+        f"bytes broadcast   {mb(summary['bytes_broadcast'])}  (fp32 {mb(summary['bytes_broadcast_fp32_equivalent'])})",
+    ]
+    if summary.get("bytes_down_naive"):
+        lines.append(f"bytes downloaded  {mb(summary['bytes_down_naive'])}  (naive: one Q_s(x) per job start)")
+    if summary.get("reduction_vs_fedbuff") is not None:
+        lines.append(f"vs fp32 FedBuff   {summary['reduction_vs_fedbuff']:.2f}x fewer bytes in total")
+    lines += [
+        f"mean staleness    {summary['mean_staleness']:.2f}   mean concurrency {summary['mean_concurrency']:.1f}",
+        f"wall time         {summary['wall_time_s']:.1f} s",
+        f"run directory     {summary['run_dir']}",
+    ]
+    return "\n".join(lines)

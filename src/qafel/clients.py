@@ -1,0 +1,90 @@
+"""Client local training as a pure function of (start parameters, client data, job seed)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from qafel.data.federated import FederatedData
+from qafel.models import FlatModel
+
+_MASK64 = (1 << 64) - 1
+
+
+def job_seed(seed: int, stream: int, job_id: int) -> int:
+    """A 63-bit seed for one job's generator (splitmix64 of the run seed, a stream tag and the job id).
+
+    Each job owns its generator, so results do not depend on the order or grouping in which jobs are computed.
+    """
+    z = (seed * 0x9E3779B97F4A7C15 + stream * 0xBF58476D1CE4E5B9 + job_id + 1) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) & ((1 << 63) - 1)
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    """What one client job does: ``local_steps`` SGD steps (or ``local_epochs`` passes) with step size ``lr``
+    on minibatches of ``batch_size`` (None: full batch)."""
+
+    lr: float
+    local_steps: int | None = None
+    local_epochs: int | None = None
+    batch_size: int | None = None
+
+    def batches(self, n: int, generator: torch.Generator) -> list[torch.Tensor | None]:
+        """Index sets for each local step on a client with ``n`` samples (None means all samples).
+
+        ``local_steps``: each step draws ``batch_size`` samples without replacement from the client's data.
+        ``local_epochs``: each epoch shuffles the data and walks it in batches (the last may be smaller).
+        """
+        full = self.batch_size is None or self.batch_size >= n
+        if self.local_epochs is not None:
+            if full:
+                return [None] * self.local_epochs
+            out: list[torch.Tensor | None] = []
+            for _ in range(self.local_epochs):
+                perm = torch.randperm(n, generator=generator)
+                out += list(torch.split(perm, self.batch_size))
+            return out
+        steps = int(self.local_steps or 0)
+        if full:
+            return [None] * steps
+        return [torch.randperm(n, generator=generator)[: self.batch_size] for _ in range(steps)]
+
+    def steps_for(self, n: int) -> int:
+        """Number of local steps a job on ``n`` samples takes."""
+        if self.local_epochs is None:
+            return int(self.local_steps or 0)
+        per_epoch = 1 if self.batch_size is None or self.batch_size >= n else math.ceil(n / self.batch_size)
+        return self.local_epochs * per_epoch
+
+
+class ClientTrainer:
+    """Runs client jobs one by one: y₀ → P local SGD steps → Δ = y₀ − y_P."""
+
+    def __init__(self, model: FlatModel, data: FederatedData, local: LocalTraining) -> None:
+        self.model = model
+        self.data = data
+        self.local = local
+
+    def train_one(self, start: torch.Tensor, client: int, seed: int) -> torch.Tensor:
+        """Δ for one job of ``client`` from start model ``start`` with the job's seed."""
+        X, y = self.data.client(client)
+        generator = torch.Generator().manual_seed(seed)
+        if self.model.has_dropout:
+            torch.manual_seed(seed)  # dropout draws from the global generator: pin it per job
+        self.model.module.train()
+        w = start
+        for idx in self.local.batches(len(y), generator):
+            Xb, yb = (X, y) if idx is None else (X[idx.to(X.device)], y[idx.to(X.device)])
+            leaf = w.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(self.model.loss(leaf, Xb, yb), leaf)
+            w = w - self.local.lr * g
+        return start - w
+
+    def train(self, starts: torch.Tensor, clients: list[int], seeds: list[int]) -> torch.Tensor:
+        """Δ for a batch of jobs: row j starts from ``starts[j]`` on ``clients[j]`` with ``seeds[j]``."""
+        return torch.stack([self.train_one(starts[j], clients[j], seeds[j]) for j in range(len(clients))])

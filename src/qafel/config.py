@@ -1,0 +1,256 @@
+"""The config schema (structured-config dataclasses) and start-up validation.
+
+Hydra composes the YAML groups under ``conf/``; ``validate`` merges the result into this schema, so that an
+unknown key or a wrong type fails at once, then checks ranges. Every failure is a ConfigError whose message
+starts with the dotted key, its value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from qafel.algorithms import ALGORITHMS, OPTIMIZERS, REDUCTIONS
+from qafel.errors import ConfigError
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "digits"
+    num_clients: int = 50
+    partition: str = "dirichlet"
+    alpha: float | None = 0.5
+    shards_per_client: int | None = None
+    test_fraction: float = 0.2
+    file: str | None = None
+    as_images: bool = False
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mlp"
+    hidden: list[int] = field(default_factory=list)
+    bias: bool = True
+    binary_output: bool = False
+    init: str = "default"
+    l2: Any = 0.0  # a float, or "inverse_n" for 1/(number of training samples)
+    channels: int = 32
+    blocks: int = 4
+    groups: int = 32
+    dropout: float = 0.1
+    shared_norm: bool = True
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = "qafel"
+    buffer_size: int = 10
+    hidden_state_replicas: int = 0
+
+
+@dataclass
+class QuantizerConfig:
+    name: str = "identity"
+    levels: int | None = None
+    bits: int | None = None
+    bucket: str | None = None
+    bucket_size: int | None = None
+    coding: str | None = None
+    weights_only: bool | None = None
+    fraction: float | None = None
+    k: int | None = None
+
+
+@dataclass
+class DurationConfig:
+    distribution: str = "halfnormal"
+    sigma: float = 1.0
+    min: float = 0.0
+    mean: float = 1.0
+    max: float | None = None
+    client_speed_sigma: float = 0.0
+
+
+@dataclass
+class TimingConfig:
+    name: str = "open_loop"
+    arrival: str | None = None
+    rate: float | None = None
+    sample_busy_clients: bool | None = None
+    concurrency: int | None = None
+    restart: str | None = None
+    duration: DurationConfig = field(default_factory=DurationConfig)
+
+
+@dataclass
+class ClientConfig:
+    lr: float = 0.1
+    local_steps: int | None = 5
+    local_epochs: int | None = None
+    batch_size: Any = 16  # an int, or "full" (or null) for full-batch gradient descent
+
+
+@dataclass
+class StalenessConfig:
+    weight: str = "constant"
+    exponent: float = 0.5
+    normalize: bool = False
+    cutoff: int | None = None
+    value: float = 0.0
+
+
+@dataclass
+class ServerConfig:
+    optimizer: str = "sgd"
+    lr: float = 1.0
+    momentum: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    reduction: str = "mean"
+    staleness: StalenessConfig = field(default_factory=StalenessConfig)
+    max_staleness: int | None = None
+
+
+@dataclass
+class RunConfig:
+    server_steps: int = 300
+    eval_every: int = 10
+    target_accuracy: float | None = None
+    progress: bool = True
+    codec: str = "simulated"
+    client_batch: int = 256
+    compute_optimum: bool | None = None  # None: only for convex models (logreg)
+
+
+@dataclass
+class TrackingConfig:
+    backend: str = "none"
+    project: str = "qafel"
+    entity: str | None = None
+    mode: str = "offline"
+    group: str | None = None
+    name: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PathsConfig:
+    data_root: str = "./data"
+    output_dir: str | None = None
+
+
+@dataclass
+class Config:
+    """The whole run config: the public interface of run.py."""
+
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    client_quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    server_quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    timing: TimingConfig = field(default_factory=TimingConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    seed: int = 0
+    device: str = "cpu"
+    name: str | None = None
+
+
+def _one_of(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(key, value, f"must be one of {', '.join(allowed)}")
+
+
+def _at_least(key: str, value: Any, low: float, kind: str = "an integer") -> None:
+    if value is None or value < low:
+        raise ConfigError(key, value, f"must be {kind} >= {low:g}")
+
+
+def _positive(key: str, value: Any) -> None:
+    if value is None or not value > 0:
+        raise ConfigError(key, value, "must be a number > 0")
+
+
+def validate(cfg: DictConfig | dict) -> DictConfig:
+    """Merge ``cfg`` into the schema and check every range; return the typed, resolved config."""
+    raw = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+    raw = OmegaConf.masked_copy(raw, [k for k in raw if k != "hydra"]) if "hydra" in raw else raw
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), raw)
+        OmegaConf.resolve(merged)
+    except (ConfigKeyError, ValidationError) as exc:
+        key = getattr(exc, "full_key", None) or "config"
+        msg = str(exc).splitlines()[0]
+        raise ConfigError(key, getattr(exc, "value", None) if hasattr(exc, "value") else "?", msg) from None
+    except OmegaConfBaseException as exc:
+        raise ConfigError(getattr(exc, "full_key", None) or "config", "?", str(exc).splitlines()[0]) from None
+    _check_ranges(merged)
+    return merged
+
+
+def _check_ranges(c: DictConfig) -> None:
+    _one_of("algorithm.name", c.algorithm.name, ALGORITHMS)
+    _at_least("algorithm.buffer_size", c.algorithm.buffer_size, 1)
+    _at_least("algorithm.hidden_state_replicas", c.algorithm.hidden_state_replicas, 0)
+    if c.algorithm.name == "fedbuff":
+        for side in ("client_quantizer", "server_quantizer"):
+            if c[side].name != "identity":  # e.g. an experiment's quantizers under algorithm=fedbuff
+                warnings.warn(f"algorithm=fedbuff sends unquantized messages: {side}={c[side].name} is replaced by "
+                              "identity (quantized uploads with full broadcasts: algorithm=qafel "
+                              "server_quantizer=identity)", stacklevel=3)
+                c[side] = OmegaConf.structured(QuantizerConfig(name="identity"))
+    _positive("client.lr", c.client.lr)
+    steps, epochs = c.client.local_steps, c.client.local_epochs
+    if (steps is None) == (epochs is None):
+        raise ConfigError("client.local_steps", steps, "set exactly one of client.local_steps and client.local_epochs "
+                          "(the other null)")
+    if steps is not None:
+        _at_least("client.local_steps", steps, 1)
+    else:
+        _at_least("client.local_epochs", epochs, 1)
+    bs = c.client.batch_size
+    if not (bs is None or bs == "full" or (isinstance(bs, int) and not isinstance(bs, bool) and bs >= 1)):
+        raise ConfigError("client.batch_size", bs, "must be an integer >= 1 or 'full'")
+    _one_of("server.optimizer", c.server.optimizer, OPTIMIZERS)
+    _positive("server.lr", c.server.lr)
+    if not 0.0 <= c.server.momentum < 1.0:
+        raise ConfigError("server.momentum", c.server.momentum, "must be in [0, 1)")
+    _one_of("server.reduction", c.server.reduction, REDUCTIONS)
+    if c.server.max_staleness is not None:
+        _at_least("server.max_staleness", c.server.max_staleness, 0)
+    _at_least("run.server_steps", c.run.server_steps, 1)
+    _at_least("run.eval_every", c.run.eval_every, 1)
+    _at_least("run.client_batch", c.run.client_batch, 1)
+    _one_of("run.codec", c.run.codec, ("simulated", "wire"))
+    ta = c.run.target_accuracy
+    if ta is not None and not 0.0 <= ta <= 1.0:
+        raise ConfigError("run.target_accuracy", ta, "must be in [0, 1] or null")
+    _one_of("tracking.backend", c.tracking.backend, ("none", "wandb"))
+    _one_of("tracking.mode", c.tracking.mode, ("offline", "online", "disabled"))
+    _at_least("dataset.num_clients", c.dataset.num_clients, 1)
+    l2 = c.model.l2
+    if not (l2 == "inverse_n" or (isinstance(l2, int | float) and not isinstance(l2, bool) and l2 >= 0)):
+        raise ConfigError("model.l2", l2, "must be a number >= 0 or 'inverse_n'")
+    if not c.device.startswith(("cpu", "cuda")):
+        raise ConfigError("device", c.device, "must be cpu or cuda[:N]")
+
+
+def quantizer_options(q: DictConfig) -> dict[str, Any]:
+    """The quantizer node as a plain dict, with ``levels`` taking precedence over the ``bits`` shorthand."""
+    opts = {k: v for k, v in OmegaConf.to_container(q).items() if v is not None}
+    if "levels" in opts:
+        opts.pop("bits", None)
+    return opts
+
+
+def default_data_root() -> str:
+    """``QAFEL_DATA_ROOT`` if set, else ``./data``."""
+    return os.environ.get("QAFEL_DATA_ROOT", "./data")

@@ -1,0 +1,366 @@
+"""The asynchronous event loop: jobs start from a model version, train, upload, and the server steps every K.
+
+The engine is algorithm-agnostic except for three rules (ALGORITHMS.md §4):
+
+* start model y₀: FedBuff the server model x; QAFeL the hidden state x̂; naive Q_s(x), quantized per dispatch;
+* what each server step broadcasts: FedBuff the full model; QAFeL Q_s(x − x̂); naive nothing;
+* QAFeL moves x̂ ← x̂ + Q_s(x − x̂) on the server and on every simulated client copy.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from qafel.algorithms import ServerOptimizer, StalenessWeight, is_finite, reduce_buffer
+from qafel.clients import job_seed
+from qafel.quantizers import Quantizer
+from qafel.timing import Event, Job
+
+# Generator streams derived from the run seed (clients.job_seed's ``stream`` argument).
+STREAM_CLIENT_TRAIN = 1
+STREAM_CLIENT_QUANT = 2
+STREAM_SERVER_QUANT = 3
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """The scalars that drive one run of the event loop."""
+
+    algorithm: str
+    buffer_size: int
+    server_steps: int
+    eval_every: int
+    seed: int
+    reduction: str = "sum"
+    max_staleness: int | None = None
+    codec: str = "simulated"          # "wire": every message is encoded to bytes and decoded on arrival
+    hidden_state_replicas: int = 0    # QAFeL: client copies of x̂ kept (and checked) beside the server's
+    client_batch: int = 256           # jobs trained together at most
+    target_accuracy: float | None = None
+
+
+@dataclass
+class _InFlight:
+    job: Job
+    start_step: int
+    version: tuple[int, int] | None = None   # key into the version store (FedBuff, QAFeL)
+    start: torch.Tensor | None = None        # naive: the job's own quantized start model
+    update: torch.Tensor | None = None       # decoded Q_c(Δ), once trained
+    payload: bytes | None = None             # codec=wire: the uplink message
+    nbytes: int = 0
+
+
+@dataclass
+class Counters:
+    """Totals kept by the engine (never only means)."""
+
+    uploads: int = 0
+    jobs_started: int = 0
+    dropped_updates: int = 0
+    bytes_up: int = 0
+    bytes_broadcast: int = 0
+    bytes_down_naive: int = 0
+    broadcasts: int = 0
+    staleness_sum: int = 0
+    staleness_count: int = 0
+    staleness_hist: Counter = field(default_factory=Counter)
+    concurrency_area: float = 0.0
+
+
+class VersionStore:
+    """Model versions still referenced by jobs in flight, with reference counts; freed when unused."""
+
+    def __init__(self) -> None:
+        self._models: dict[tuple[int, int], torch.Tensor] = {}
+        self._refs: Counter = Counter()
+
+    def acquire(self, key: tuple[int, int], current: Callable[[], torch.Tensor]) -> tuple[int, int]:
+        """Reference version ``key``, snapshotting ``current()`` the first time it is needed."""
+        if key not in self._models:
+            self._models[key] = current().clone()
+        self._refs[key] += 1
+        return key
+
+    def get(self, key: tuple[int, int]) -> torch.Tensor:
+        """The stored model for ``key``."""
+        return self._models[key]
+
+    def release(self, key: tuple[int, int]) -> None:
+        """Drop one reference; free the model when none is left."""
+        self._refs[key] -= 1
+        if self._refs[key] == 0:
+            del self._refs[key], self._models[key]
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+
+class Engine:
+    """Runs FedBuff, QAFeL or naive direct quantization over an exogenous event schedule."""
+
+    def __init__(self, settings: EngineSettings, *, x0: torch.Tensor, trainer: Any, client_quantizer: Quantizer,
+                 server_quantizer: Quantizer, optimizer: ServerOptimizer, staleness_weight: StalenessWeight,
+                 schedule: Iterator[Event], evaluate: Callable[[torch.Tensor], dict[str, float]],
+                 on_eval: Callable[[dict[str, Any]], None] | None = None,
+                 on_server_step: Callable[[int], None] | None = None) -> None:
+        self.s = settings
+        self.trainer = trainer
+        self.qc, self.qs = client_quantizer, server_quantizer
+        self.optimizer = optimizer
+        self.weight = staleness_weight
+        self.schedule = schedule
+        self.evaluate = evaluate
+        self.on_eval = on_eval
+        self.on_server_step = on_server_step
+        self.d = x0.numel()
+        self.x = x0.clone()
+        self.xhat = x0.clone() if settings.algorithm == "qafel" else None
+        self.replicas = [x0.clone() for _ in range(settings.hidden_state_replicas)] if self.xhat is not None else []
+        self.buffer = torch.zeros_like(self.x)
+        self.k = 0
+        self.server_step = 0
+        self.time = 0.0
+        self.jobs: dict[int, _InFlight] = {}
+        self.versions = VersionStore()
+        self.c = Counters()
+        self.server_gen = torch.Generator().manual_seed(job_seed(settings.seed, STREAM_SERVER_QUANT, 0))
+        self.status = "running"
+        self.diverged_at: int | None = None
+        self.history: list[dict[str, Any]] = []
+        self._last_eval_step = -1
+        self._wall0 = time.perf_counter()
+
+    # ----------------------------------------------------------------------------------------------- loop
+    def run(self) -> dict[str, Any]:
+        """Process events until ``server_steps`` server steps are done (or the run diverges)."""
+        self._evaluate()
+        for event in self.schedule:
+            if self.server_step >= self.s.server_steps or self.status != "running":
+                break
+            self.c.concurrency_area += len(self.jobs) * (event.time - self.time)
+            self.time = event.time
+            if event.kind == "start":
+                self._on_start(event.job)
+            else:
+                self._on_arrival(event.job)
+        if self.status == "running":
+            self.status = "completed"
+        if self._last_eval_step != self.server_step:
+            self._evaluate()
+        return self.summary()
+
+    def _on_start(self, job: Job) -> None:
+        self.c.jobs_started += 1
+        entry = _InFlight(job, self.server_step)
+        if self.s.algorithm == "naive":
+            start, nbytes = self._send(self.qs, self.x, self.server_gen)
+            entry.start = start
+            self.c.bytes_down_naive += nbytes
+        elif self.s.algorithm == "fedbuff":
+            entry.version = self.versions.acquire((self.server_step, 0), lambda: self.x)
+        else:
+            r = job.client % len(self.replicas) if self.replicas else -1
+            source = self.replicas[r] if self.replicas else self.xhat
+            entry.version = self.versions.acquire((self.server_step, r), lambda: source)
+        self.jobs[job.job_id] = entry
+
+    def _on_arrival(self, job: Job) -> None:
+        entry = self.jobs[job.job_id]
+        if entry.update is None and entry.payload is None:
+            self._train_pending()
+        del self.jobs[job.job_id]
+        update = self.qc.decode(entry.payload).to(self.x.device) if entry.payload is not None else entry.update
+        self.c.uploads += 1
+        self.c.bytes_up += entry.nbytes
+        tau = self.server_step - entry.start_step
+        if self.s.max_staleness is not None and tau > self.s.max_staleness:
+            self.c.dropped_updates += 1
+            return
+        self.c.staleness_sum += tau
+        self.c.staleness_count += 1
+        self.c.staleness_hist[tau] += 1
+        w = self.weight(tau)
+        if w == 1.0:
+            self.buffer += update
+        else:
+            self.buffer.add_(update, alpha=w)
+        self.k += 1
+        if self.k == self.s.buffer_size:
+            self._server_update()
+
+    def _train_pending(self) -> None:
+        """Train every started, untrained job in flight (their start models are all known) in batches."""
+        pending = [e for e in self.jobs.values() if e.update is None and e.payload is None]
+        for i in range(0, len(pending), self.s.client_batch):
+            chunk = pending[i:i + self.s.client_batch]
+            starts = torch.stack([e.start if e.start is not None else self.versions.get(e.version) for e in chunk])
+            clients = [e.job.client for e in chunk]
+            seeds = [job_seed(self.s.seed, STREAM_CLIENT_TRAIN, e.job.job_id) for e in chunk]
+            deltas = self.trainer.train(starts, clients, seeds)
+            gens = [torch.Generator().manual_seed(job_seed(self.s.seed, STREAM_CLIENT_QUANT, e.job.job_id))
+                    for e in chunk]
+            if self.s.codec == "wire":
+                for e, delta, g in zip(chunk, deltas, gens, strict=True):
+                    e.payload = self.qc.encode(delta, g)
+                    e.nbytes = len(e.payload)
+            else:
+                values, sizes = self.qc.quantize_batch(deltas, gens)
+                for e, value, nbytes in zip(chunk, values, sizes, strict=True):
+                    e.update, e.nbytes = value, nbytes
+            for e in chunk:
+                if e.version is not None:
+                    self.versions.release(e.version)
+                    e.version = None
+                e.start = None
+
+    def _server_update(self) -> None:
+        g = reduce_buffer(self.buffer, self.k, self.s.reduction)
+        self.x = self.optimizer.step(self.x, g)
+        self.buffer.zero_()
+        self.k = 0
+        self.server_step += 1
+        if self.s.algorithm == "fedbuff":
+            self.c.bytes_broadcast += 4 * self.d
+            self.c.broadcasts += 1
+        elif self.s.algorithm == "qafel":
+            self._move_hidden_state()
+        if not is_finite(self.x):
+            self._diverge()
+        if self.on_server_step is not None:
+            self.on_server_step(self.server_step)
+        if self.server_step % self.s.eval_every == 0 or self.server_step == self.s.server_steps:
+            self._evaluate()
+
+    def _move_hidden_state(self) -> None:
+        """x̂ ← x̂ + Q_s(x − x̂) on the server and on every client copy, from the same broadcast message.
+
+        An identity server quantizer sends x itself (the same 4·d bytes as x − x̂), so that x̂ equals x
+        exactly rather than up to the rounding of x̂ + (x − x̂): QAFeL then equals FedBuff bit for bit.
+        """
+        self.c.broadcasts += 1
+        if self.qs.is_identity:
+            payload = self.qs.encode(self.x)
+            self.c.bytes_broadcast += len(payload)
+            self.xhat = self.x.clone()
+            for i in range(len(self.replicas)):
+                self.replicas[i] = self.qs.decode(payload).to(self.x.device)
+        else:
+            diff = self.x - self.xhat
+            if self.replicas or self.s.codec == "wire":
+                payload = self.qs.encode(diff, self.server_gen)
+                q = self.qs.decode(payload).to(self.x.device)
+                nbytes = len(payload)
+            else:
+                q, nbytes = self.qs.quantize(diff, self.server_gen)
+            self.c.bytes_broadcast += nbytes
+            self.xhat += q
+            for r in self.replicas:
+                r += self.qs.decode(payload).to(self.x.device)
+        for r in self.replicas:
+            if not torch.equal(r, self.xhat):
+                raise RuntimeError(f"a client copy of the hidden state differs from the server's at step "
+                                   f"{self.server_step}")
+
+    def _send(self, quantizer: Quantizer, v: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, int]:
+        if self.s.codec == "wire":
+            payload = quantizer.encode(v, generator)
+            return quantizer.decode(payload).to(v.device), len(payload)
+        return quantizer.quantize(v, generator)
+
+    def _diverge(self) -> None:
+        self.status = "diverged"
+        self.diverged_at = self.server_step
+
+    # -------------------------------------------------------------------------------------------- metrics
+    def _evaluate(self) -> None:
+        self._last_eval_step = self.server_step
+        metrics = self.evaluate(self.x) if is_finite(self.x) else {"accuracy": float("nan"), "loss": float("nan")}
+        record: dict[str, Any] = {
+            "server_step": self.server_step,
+            "uploads": self.c.uploads,
+            "sim_time": self.time,
+            **metrics,
+            "bytes_up": self.c.bytes_up,
+            "bytes_broadcast": self.c.bytes_broadcast,
+            "bytes_down_naive": self.c.bytes_down_naive,
+            "mean_staleness": self.mean_staleness,
+            "in_flight": len(self.jobs),
+            "dropped_updates": self.c.dropped_updates,
+            "wall_time_s": time.perf_counter() - self._wall0,
+        }
+        if self.xhat is not None:
+            record["hidden_state_error"] = float(torch.linalg.vector_norm(self.x - self.xhat))
+        loss = metrics.get("loss")
+        if loss is not None and loss != loss and self.status == "running":  # NaN loss
+            self._diverge()
+        self.history.append(record)
+        if self.on_eval is not None:
+            self.on_eval(record)
+
+    @property
+    def mean_staleness(self) -> float:
+        """Mean staleness τ of the updates applied so far."""
+        return self.c.staleness_sum / self.c.staleness_count if self.c.staleness_count else 0.0
+
+    def uploads_to_target(self) -> tuple[int, dict[str, Any]] | None:
+        """K × server steps at the first evaluation whose accuracy ≥ target, and that evaluation's record."""
+        target = self.s.target_accuracy
+        if target is None:
+            return None
+        for rec in self.history:
+            if rec.get("accuracy") is not None and rec["accuracy"] >= target:
+                return self.s.buffer_size * rec["server_step"], rec
+        return None
+
+    def summary(self) -> dict[str, Any]:
+        """The run's totals and final metrics."""
+        last = self.history[-1]
+        up32 = 4 * self.d * self.c.uploads
+        bc32 = 4 * self.d * self.server_step
+        down32 = 4 * self.d * self.c.jobs_started if self.s.algorithm == "naive" else 0
+        sent = self.c.bytes_up + self.c.bytes_broadcast + self.c.bytes_down_naive
+        hit = self.uploads_to_target()
+        out: dict[str, Any] = {
+            "status": self.status,
+            "algorithm": self.s.algorithm,
+            "final_accuracy": last.get("accuracy"),
+            "final_loss": last.get("loss"),
+            "server_steps": self.server_step,
+            "uploads": self.c.uploads,
+            "jobs_started": self.c.jobs_started,
+            "dropped_updates": self.c.dropped_updates,
+            "bytes_up": self.c.bytes_up,
+            "bytes_broadcast": self.c.bytes_broadcast,
+            "bytes_down_naive": self.c.bytes_down_naive,
+            "bytes_total": sent,
+            "bytes_up_fp32_equivalent": up32,
+            "bytes_broadcast_fp32_equivalent": bc32,
+            "bytes_down_naive_fp32_equivalent": down32,
+            "message_bytes_up": self.c.bytes_up / self.c.uploads if self.c.uploads else None,
+            "message_bytes_broadcast": (self.c.bytes_broadcast / self.c.broadcasts if self.c.broadcasts else None),
+            "message_bytes_down_naive": (self.c.bytes_down_naive / self.c.jobs_started
+                                         if self.s.algorithm == "naive" and self.c.jobs_started else None),
+            "reduction_vs_fedbuff": (up32 + bc32) / sent if sent else None,
+            "num_parameters": self.d,
+            "target_accuracy": self.s.target_accuracy,
+            "uploads_to_target": hit[0] if hit else None,
+            "bytes_up_at_target": hit[1]["bytes_up"] if hit else None,
+            "bytes_broadcast_at_target": hit[1]["bytes_broadcast"] if hit else None,
+            "mean_staleness": self.mean_staleness,
+            "max_staleness_seen": max(self.c.staleness_hist) if self.c.staleness_hist else 0,
+            "staleness_histogram": {str(k): v for k, v in sorted(self.c.staleness_hist.items())},
+            "mean_concurrency": self.c.concurrency_area / self.time if self.time > 0 else 0.0,
+            "sim_time": self.time,
+            "wall_time_s": time.perf_counter() - self._wall0,
+            "diverged_at_step": self.diverged_at,
+        }
+        for key in ("suboptimality", "train_objective", "hidden_state_error"):
+            if key in last:
+                out[key] = last[key]
+        return out

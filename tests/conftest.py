@@ -1,0 +1,48 @@
+"""Shared fixtures: Hydra compose over the repo's conf/, data-file lookup, tiny fast runs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+
+
+def data_root() -> Path:
+    """Where tests look for data files: QAFEL_DATA_ROOT, else ../shared/data beside the repo, else ./data."""
+    if os.environ.get("QAFEL_DATA_ROOT"):
+        return Path(os.environ["QAFEL_DATA_ROOT"])
+    shared = REPO.parent / "shared" / "data"
+    return shared if shared.is_dir() else REPO / "data"
+
+
+def need_data_file(name: str) -> Path:
+    """The data file's path; skip (or, under CI's QAFEL_REQUIRE_DATA=1, fail) when it is absent."""
+    path = data_root() / name
+    if not path.is_file():
+        msg = f"needs {name}: put it at {path} (or set QAFEL_DATA_ROOT to the folder holding it)"
+        if os.environ.get("QAFEL_REQUIRE_DATA") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path
+
+
+def compose_cfg(*overrides: str):
+    """Compose conf/config.yaml with Hydra's compose API and these overrides."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+FAST = ("tracking=none", "run.progress=false")
+
+
+@pytest.fixture
+def mushrooms_root() -> Path:
+    """The folder holding mushrooms.libsvm."""
+    return need_data_file("mushrooms.libsvm").parent
