@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from qafel.algorithms import ServerOptimizer, StalenessWeight
-from qafel.clients import ClientTrainer, LocalTraining
+from qafel.clients import BatchedTrainer, ClientTrainer, LocalTraining
 from qafel.config import quantizer_options, validate
 from qafel.data import FederatedData, build_dataset
 from qafel.engine import Engine, EngineSettings
@@ -108,7 +108,8 @@ def make_engine(s: RunSetup, on_eval: Callable[[dict[str, Any]], None] | None = 
         max_staleness=cfg.server.max_staleness, codec=cfg.run.codec,
         hidden_state_replicas=cfg.algorithm.hidden_state_replicas, client_batch=cfg.run.client_batch,
         target_accuracy=cfg.run.target_accuracy)
-    return Engine(settings, x0=s.x0, trainer=ClientTrainer(s.model, s.data, local_training(cfg)),
+    trainer_cls = BatchedTrainer if cfg.run.trainer == "batched" else ClientTrainer
+    return Engine(settings, x0=s.x0, trainer=trainer_cls(s.model, s.data, local_training(cfg)),
                   client_quantizer=s.client_quantizer, server_quantizer=s.server_quantizer,
                   optimizer=ServerOptimizer(cfg.server, s.model.d, s.x0.device),
                   staleness_weight=StalenessWeight(cfg.server.staleness), schedule=s.schedule,

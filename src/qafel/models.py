@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -12,7 +13,7 @@ from torch.func import functional_call
 
 from qafel.errors import ConfigError
 
-MODEL_NAMES = ("logreg", "mlp", "cnn")
+MODEL_NAMES = ("logreg", "mlp", "cnn", "resnet18", "char_lstm")
 
 
 class PaperCNN(nn.Module):
@@ -70,6 +71,115 @@ class FunctionalSequential(nn.Sequential):
         return x
 
 
+@functools.cache
+def _resnet18_gn_class() -> type[nn.Module]:
+    """The ResNet18GN class (built on first use: importing torchvision costs seconds)."""
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    class ResNet18GN(ResNet):
+        """torchvision's ResNet-18 with GroupNorm for small (32x32) inputs: a 3x3 stride-1 stem, no max-pool.
+
+        ``reset_parameters`` repeats torchvision's initialisation (Kaiming-normal convolutions, norms at 1/0), so
+        ``FlatModel.initial_vector`` reproduces the constructor's init under a seed.
+        """
+
+        def __init__(self, in_channels: int, num_classes: int, groups: int = 2) -> None:
+            super().__init__(BasicBlock, [2, 2, 2, 2], num_classes=num_classes,
+                             norm_layer=lambda c: nn.GroupNorm(groups, c))
+            self.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            self.maxpool = nn.Identity()
+            self.reset_parameters()
+
+        def reset_parameters(self) -> None:
+            """torchvision's ResNet init (the linear layer keeps PyTorch's default)."""
+            for m in self.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                elif isinstance(m, nn.GroupNorm):
+                    nn.init.constant_(m.weight, 1.0)
+                    nn.init.constant_(m.bias, 0.0)
+                elif isinstance(m, nn.Linear):
+                    m.reset_parameters()
+
+    return ResNet18GN
+
+
+def resnet18_gn(in_channels: int, num_classes: int, groups: int = 2) -> nn.Module:
+    """torchvision's ResNet-18 with GroupNorm(``groups``) for 32x32 inputs (CIFAR-style stem)."""
+    if groups < 1 or 64 % groups:
+        raise ConfigError("model.groups", groups, "must divide 64 for resnet18 (GroupNorm over 64..512 channels)")
+    return _resnet18_gn_class()(in_channels, num_classes, groups)
+
+
+def _vmapped(*tensors: torch.Tensor) -> bool:
+    """Whether any tensor is batched by ``torch.func.vmap`` (looking through grad wrappers)."""
+    try:
+        from torch._C import _functorch as ft
+    except ImportError:  # pragma: no cover - older/newer torch: take the vmap-safe path
+        return True
+    for t in tensors:
+        while True:
+            if ft.is_batchedtensor(t):
+                return True
+            if not ft.is_functorch_wrapped_tensor(t):
+                break
+            t = ft.get_unwrapped(t)
+    return False
+
+
+class CharLSTM(nn.Module):
+    """The LEAF/FLSim Shakespeare model: embedding (vocab -> 8), stacked LSTM (2 x 256), linear to the vocab.
+
+    Input: int64 tokens (batch, seq); output: logits for the character after the sequence (last time step).
+    ``functional_forward`` runs the fused ``torch.lstm`` kernel, or, under ``torch.func.vmap`` (which has no
+    batching rule for it), the same recurrence written with matmuls so that many clients batch together.
+    """
+
+    def __init__(self, vocab_size: int, num_classes: int, embedding_dim: int = 8, hidden_size: int = 256,
+                 num_layers: int = 2) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, embedding_dim)
+        self.lstm = nn.LSTM(embedding_dim, hidden_size, num_layers=num_layers, batch_first=True)
+        self.fc = nn.Linear(hidden_size, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.functional_forward(dict(self.named_parameters()), x)
+
+    def _weights(self, p: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        return [p[f"lstm.{kind}_l{layer}"] for layer in range(self.lstm.num_layers)
+                for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+
+    def functional_forward(self, p: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """The forward pass with parameters taken from ``p`` (names as in ``named_parameters``)."""
+        emb = F.embedding(x, p["embedding.weight"])
+        weights = self._weights(p)
+        if _vmapped(x, emb, *weights):
+            last = lstm_unrolled(emb, weights, self.lstm.num_layers)
+        else:
+            shape = (self.lstm.num_layers, emb.shape[0], self.lstm.hidden_size)
+            h0 = emb.new_zeros(shape)
+            out = torch.lstm(emb, (h0, h0), weights, True, self.lstm.num_layers, 0.0, self.training, False, True)[0]
+            last = out[:, -1]
+        return F.linear(last, p["fc.weight"], p["fc.bias"])
+
+
+def lstm_unrolled(x: torch.Tensor, weights: Sequence[torch.Tensor], num_layers: int) -> torch.Tensor:
+    """A stacked LSTM (PyTorch's gate order i, f, g, o) over ``x`` (..., T, E); the last layer's final h."""
+    seq = x
+    for layer in range(num_layers):
+        w_ih, w_hh, b_ih, b_hh = weights[4 * layer: 4 * layer + 4]
+        gates_x = F.linear(seq, w_ih, b_ih + b_hh)  # (..., T, 4H): input projections for every step at once
+        h = c = seq.new_zeros(seq.shape[:-2] + (w_hh.shape[1],))
+        outs = []
+        for t in range(seq.shape[-2]):
+            i, f, g, o = (gates_x[..., t, :] + F.linear(h, w_hh)).chunk(4, dim=-1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            outs.append(h)
+        seq = torch.stack(outs, dim=-2) if layer + 1 < num_layers else h
+    return seq
+
+
 def build_module(cfg: Mapping[str, Any], input_shape: Sequence[int], num_classes: int) -> nn.Module:
     """Build the ``nn.Module`` template named by ``cfg['name']`` for the given input shape and classes.
 
@@ -98,6 +208,18 @@ def build_module(cfg: Mapping[str, Any], input_shape: Sequence[int], num_classes
                         channels=int(cfg.get("channels", 32)), blocks=int(cfg.get("blocks", 4)),
                         groups=int(cfg.get("groups", 32)), dropout=float(cfg.get("dropout", 0.1)),
                         shared_norm=bool(cfg.get("shared_norm", True)))
+    if name == "resnet18":
+        if len(input_shape) != 3:
+            raise ConfigError("model.name", name, f"resnet18 needs image inputs (C, H, W), got {tuple(input_shape)}")
+        return resnet18_gn(int(input_shape[0]), out, groups=int(cfg.get("groups", 2)))
+    if name == "char_lstm":
+        if len(input_shape) != 1:
+            raise ConfigError("model.name", name, f"char_lstm needs token sequences (seq,), got {tuple(input_shape)}")
+        hidden = [int(h) for h in (cfg.get("hidden") or [256, 256])]
+        if len(set(hidden)) != 1 or hidden[0] < 1:
+            raise ConfigError("model.hidden", hidden, "char_lstm: equal LSTM widths >= 1, one per layer")
+        return CharLSTM(vocab_size=num_classes, num_classes=out, embedding_dim=int(cfg.get("embedding_dim", 8)),
+                        hidden_size=hidden[0], num_layers=len(hidden))
     raise ConfigError("model.name", name, f"must be one of {', '.join(MODEL_NAMES)}")
 
 
@@ -127,9 +249,12 @@ class FlatModel:
             raise ConfigError("model.init", init, "must be one of default, zeros")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            for m in self.module.modules():
-                if hasattr(m, "reset_parameters") and m is not self.module:
-                    m.reset_parameters()
+            if hasattr(self.module, "reset_parameters"):  # the module's own init (e.g. torchvision's ResNet)
+                self.module.reset_parameters()
+            else:
+                for m in self.module.modules():
+                    if hasattr(m, "reset_parameters") and m is not self.module:
+                        m.reset_parameters()
             return torch.cat([p.detach().reshape(-1) for p in self.module.parameters()]).clone()
 
     def unflatten(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -154,6 +279,18 @@ class FlatModel:
     def loss(self, w: torch.Tensor, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The client objective: mean data loss plus ``(l2/2)·‖w‖²``."""
         value = self.data_loss(self.logits(w, X), y)
+        if self.l2:
+            value = value + 0.5 * self.l2 * torch.dot(w, w)
+        return value
+
+    def masked_loss(self, w: torch.Tensor, X: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean data loss over the samples where ``mask`` is 1, plus ``(l2/2)·‖w‖²`` (for padded batches)."""
+        out = self.logits(w, X)
+        if self.binary:
+            per = nn.functional.binary_cross_entropy_with_logits(out, y.to(out.dtype), reduction="none")
+        else:
+            per = nn.functional.cross_entropy(out, y, reduction="none")
+        value = (per * mask).sum() / mask.sum().clamp_min(1.0)
         if self.l2:
             value = value + 0.5 * self.l2 * torch.dot(w, w)
         return value

@@ -1,0 +1,182 @@
+"""Client-update throughput: a per-client loop as FLSim does it versus qafel's batched (vmap) trainer.
+
+Both run side by side in one process on the same jobs (same clients, start models and minibatches), and the
+script checks that they produce the same updates. Usage:
+
+    python benchmarks/bench_clients.py [--jobs N] [--device cpu|cuda] [--json] [--e2e] [--memory]
+
+``--e2e`` also times ``python run.py experiment=paper_logreg`` end to end (10,000 server steps) in-process;
+``--memory`` reports peak memory of one batched call over 1,000 concurrent CNN clients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from qafel.clients import BatchedTrainer, LocalTraining, job_seed  # noqa: E402
+from qafel.data import FederatedData, build_dataset  # noqa: E402
+from qafel.models import FlatModel, build_module  # noqa: E402
+
+
+def data_root() -> str:
+    return os.environ.get("QAFEL_DATA_ROOT", str(REPO.parent / "shared" / "data"))
+
+
+def workloads(device: str):
+    """(name, model, data, local-training spec) for each benchmarked setting."""
+    mush = build_dataset({"name": "mushrooms", "num_clients": 100, "partition": "contiguous", "test_fraction": 0.0},
+                         data_root(), 0)
+    logreg = FlatModel(build_module({"name": "logreg", "bias": False, "binary_output": True}, mush.input_shape, 2),
+                       l2=1.0 / len(mush.y))
+    yield "logreg_mushrooms_P10_fullbatch", logreg, mush.to(device), LocalTraining(lr=2.0, local_steps=10)
+
+    digits = build_dataset({"name": "digits", "num_clients": 50, "partition": "dirichlet", "alpha": 0.5,
+                            "test_fraction": 0.2}, ".", 0)
+    mlp = FlatModel(build_module({"name": "mlp", "hidden": [64]}, digits.input_shape, 10))
+    yield "mlp_digits_P5_batch16", mlp, digits.to(device), LocalTraining(lr=0.1, local_steps=5, batch_size=16)
+
+    gen = torch.Generator().manual_seed(0)
+    n_clients, per_client = 200, 32  # CelebA-sized clients: one local epoch of batch 32 is one step
+    X = torch.randn(n_clients * per_client, 3, 32, 32, generator=gen)
+    y = torch.randint(0, 2, (n_clients * per_client,), generator=gen)
+    parts = [np.arange(i * per_client, (i + 1) * per_client) for i in range(n_clients)]
+    images = FederatedData.from_partition("synthetic", X, y, parts, X[:64], y[:64], 2)
+    cnn = FlatModel(build_module({"name": "cnn", "dropout": 0.0}, (3, 32, 32), 2))
+    yield "paper_cnn_32x32_1epoch_batch32", cnn, images.to(device), LocalTraining(lr=0.01, local_epochs=1,
+                                                                                 batch_size=32)
+
+
+def flsim_style_loop(model: FlatModel, data: FederatedData, local: LocalTraining, starts: torch.Tensor,
+                     clients: list[int], seeds: list[int]) -> torch.Tensor:
+    """One deep-copied nn.Module and one torch.optim.SGD per client job, as FLSim trains clients."""
+    out = []
+    for start, c, seed in zip(starts, clients, seeds, strict=True):
+        net = copy.deepcopy(model.module)
+        torch.nn.utils.vector_to_parameters(start.clone(), net.parameters())  # params become views of it
+        opt = torch.optim.SGD(net.parameters(), lr=local.lr)
+        X, y = data.client(c)
+        net.train()
+        for idx in local.batches(len(y), torch.Generator().manual_seed(seed)):
+            Xb, yb = (X, y) if idx is None else (X[idx.to(X.device)], y[idx.to(X.device)])
+            opt.zero_grad()
+            outb = net(Xb)
+            outb = outb.squeeze(-1) if model.binary else outb
+            loss = model.data_loss(outb, yb)
+            if model.l2:
+                loss = loss + 0.5 * model.l2 * sum((p * p).sum() for p in net.parameters())
+            loss.backward()
+            opt.step()
+        out.append(start - torch.nn.utils.parameters_to_vector(net.parameters()).detach())
+    return torch.stack(out)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def bench(name, model, data, local, n_jobs: int, device: str) -> dict:
+    model.module.to(device)
+    gen = torch.Generator().manual_seed(0)
+    x0 = model.initial_vector(0).to(device)
+    starts = x0 + 0.01 * torch.randn(n_jobs, model.d, generator=gen).to(device)
+    clients = [int(c) for c in torch.randint(0, data.num_clients, (n_jobs,), generator=gen)]
+    seeds = [job_seed(0, 1, j) for j in range(n_jobs)]
+    batched = BatchedTrainer(model, data, local)
+    batched.train(starts[:4], clients[:4], seeds[:4])  # warm-up
+    _sync(device)
+    t0 = time.perf_counter()
+    ref = flsim_style_loop(model, data, local, starts, clients, seeds)
+    _sync(device)
+    t_loop = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    got = batched.train(starts, clients, seeds)
+    _sync(device)
+    t_batched = time.perf_counter() - t0
+    diff = float((got - ref).abs().max())
+    scale = float(ref.abs().max())
+    rel = float(torch.linalg.vector_norm(got - ref) / torch.linalg.vector_norm(ref))
+    return {"workload": name, "device": device, "jobs": n_jobs, "parameters": model.d,
+            "loop_updates_per_s": n_jobs / t_loop, "batched_updates_per_s": n_jobs / t_batched,
+            "speedup": t_loop / t_batched, "max_abs_diff": diff, "max_abs_update": scale,
+            "relative_error": rel,
+            # max-pool/ReLU kinks can route a gradient differently when float sums differ in the last bit,
+            # so "same" is judged on the relative norm of the difference
+            "same_updates": rel < 1e-3}
+
+
+def e2e_paper_logreg() -> dict:
+    from conftest import compose_cfg
+
+    from qafel.api import run_experiment
+
+    cfg = compose_cfg("experiment=paper_logreg", "tracking=none", "run.progress=false",
+                      f"paths.data_root={data_root()}")
+    t0 = time.perf_counter()
+    summary = run_experiment(cfg, Path("/tmp/qafel_bench_paper_logreg"))
+    return {"workload": "e2e_paper_logreg_10000_steps", "wall_time_s": time.perf_counter() - t0,
+            "server_steps": summary["server_steps"], "suboptimality": summary.get("suboptimality")}
+
+
+def peak_memory_cnn(device: str, clients: int = 1000) -> dict:
+    """Peak resident memory of one batched local epoch for ``clients`` concurrent CNN jobs (batch 32)."""
+    gen = torch.Generator().manual_seed(0)
+    per_client = 32
+    X = torch.randn(clients * per_client, 3, 32, 32, generator=gen)
+    y = torch.randint(0, 10, (clients * per_client,), generator=gen)
+    parts = [np.arange(i * per_client, (i + 1) * per_client) for i in range(clients)]
+    data = FederatedData.from_partition("synthetic", X, y, parts, X[:10], y[:10], 10).to(device)
+    model = FlatModel(build_module({"name": "cnn", "dropout": 0.0}, (3, 32, 32), 10))
+    model.module.to(device)
+    starts = model.initial_vector(0).to(device).repeat(clients, 1)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    BatchedTrainer(model, data, LocalTraining(lr=0.01, local_epochs=1, batch_size=32)).train(
+        starts, list(range(clients)), list(range(clients)))
+    out = {"workload": f"peak_memory_cnn_{clients}_clients", "device": device,
+           "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    if device.startswith("cuda"):
+        out["peak_cuda_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=200)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    parser.add_argument("--e2e", action="store_true", help="also time experiment=paper_logreg end to end")
+    parser.add_argument("--memory", action="store_true", help="also measure peak memory, 1,000 CNN clients")
+    args = parser.parse_args()
+    rows = [bench(*w, n_jobs=args.jobs, device=args.device) for w in workloads(args.device)]
+    extra = []
+    if args.e2e:
+        extra.append(e2e_paper_logreg())
+    if args.memory:
+        extra.append(peak_memory_cnn(args.device))
+    if args.json:
+        print(json.dumps(rows + extra, indent=2))
+        return
+    print(f"{'workload':34} {'device':6} {'loop upd/s':>11} {'batched upd/s':>14} {'speedup':>8} {'same':>5}")
+    for r in rows:
+        print(f"{r['workload']:34} {r['device']:6} {r['loop_updates_per_s']:11.1f} {r['batched_updates_per_s']:14.1f} "
+              f"{r['speedup']:7.1f}x {str(r['same_updates']):>5}")
+    for e in extra:
+        print(json.dumps(e))
+
+
+if __name__ == "__main__":
+    main()
