@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from qafel.algorithms import ServerOptimizer, StalenessWeight
+from qafel.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from qafel.clients import BatchedTrainer, ClientTrainer, LocalTraining
 from qafel.config import quantizer_options, validate
 from qafel.data import FederatedData, build_dataset
@@ -99,7 +100,8 @@ def setup_run(cfg: DictConfig | dict) -> RunSetup:
 
 
 def make_engine(s: RunSetup, on_eval: Callable[[dict[str, Any]], None] | None = None,
-                on_server_step: Callable[[int], None] | None = None) -> Engine:
+                on_server_step: Callable[[int], None] | None = None,
+                on_checkpoint: Callable[[Engine], None] | None = None) -> Engine:
     """The event loop for a prepared run."""
     cfg = s.cfg
     settings = EngineSettings(
@@ -107,29 +109,33 @@ def make_engine(s: RunSetup, on_eval: Callable[[dict[str, Any]], None] | None = 
         eval_every=cfg.run.eval_every, seed=cfg.seed, reduction=cfg.server.reduction,
         max_staleness=cfg.server.max_staleness, codec=cfg.run.codec,
         hidden_state_replicas=cfg.algorithm.hidden_state_replicas, client_batch=cfg.run.client_batch,
-        target_accuracy=cfg.run.target_accuracy)
+        target_accuracy=cfg.run.target_accuracy, checkpoint_every=cfg.run.checkpoint_every)
     trainer_cls = BatchedTrainer if cfg.run.trainer == "batched" else ClientTrainer
     return Engine(settings, x0=s.x0, trainer=trainer_cls(s.model, s.data, local_training(cfg)),
                   client_quantizer=s.client_quantizer, server_quantizer=s.server_quantizer,
                   optimizer=ServerOptimizer(cfg.server, s.model.d, s.x0.device),
                   staleness_weight=StalenessWeight(cfg.server.staleness), schedule=s.schedule,
-                  evaluate=s.evaluator, on_eval=on_eval, on_server_step=on_server_step)
+                  evaluate=s.evaluator, on_eval=on_eval, on_server_step=on_server_step, on_checkpoint=on_checkpoint)
 
 
 def run_experiment(cfg: DictConfig | dict, output_dir: str | Path,
-                   on_eval: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Run one experiment; write ``config.yaml``, ``metrics.jsonl`` and ``summary.json`` to ``output_dir``.
+                   on_eval: Callable[[dict[str, Any]], None] | None = None, resume: bool = False) -> dict[str, Any]:
+    """Run one experiment; write ``config.yaml``, ``metrics.jsonl``, ``summary.json`` and ``checkpoint.pt``
+    (every ``run.checkpoint_every`` server steps and at the end) to ``output_dir``.
 
     ``on_eval`` (optional) sees every evaluation record as it is made (sweeps use it for pruning).
-    Returns the summary dict.
+    ``resume``: continue from ``output_dir/checkpoint.pt``; metrics.jsonl is rewritten to the checkpoint's
+    records first, so the finished files equal those of an uninterrupted run. Returns the summary dict.
     """
     t0 = time.perf_counter()
     s = setup_run(cfg)
     cfg = s.cfg
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / CHECKPOINT_NAME
+    state = load_checkpoint(ckpt_path)["engine"] if resume else None
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-    recorder = RunRecorder(out)
+    recorder = RunRecorder(out, history=state["history"] if state else None)
     tracker = make_tracker(cfg.tracking, OmegaConf.to_container(cfg), out)
     progress = _progress_bar(cfg) if cfg.run.progress else None
 
@@ -143,9 +149,17 @@ def run_experiment(cfg: DictConfig | dict, output_dir: str | Path,
             on_eval(record)
 
     engine = make_engine(s, on_eval=log,
-                         on_server_step=(lambda _step: progress.update(1)) if progress is not None else None)
+                         on_server_step=(lambda _step: progress.update(1)) if progress is not None else None,
+                         on_checkpoint=lambda e: save_checkpoint(ckpt_path, e.state_dict(), cfg))
+    previous_wall = 0.0
+    if state is not None:
+        engine.load_state_dict(state)
+        previous_wall = state["wall_elapsed"]
+        if progress is not None:
+            progress.update(engine.server_step)
     try:
         summary = engine.run()
+        save_checkpoint(ckpt_path, engine.state_dict(), cfg)
     finally:
         if progress is not None:
             progress.close()
@@ -159,7 +173,8 @@ def run_experiment(cfg: DictConfig | dict, output_dir: str | Path,
         "client_quantizer": cfg.client_quantizer.name,
         "server_quantizer": cfg.server_quantizer.name,
         "seed": cfg.seed,
-        "wall_time_s": time.perf_counter() - t0,
+        "wall_time_s": time.perf_counter() - t0 + previous_wall,
+        "resumed": state is not None,
         "run_dir": str(out),
     })
     recorder.write_summary(summary)

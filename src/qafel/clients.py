@@ -93,17 +93,21 @@ class ClientTrainer:
 class BatchedTrainer(ClientTrainer):
     """Runs many client jobs at once with ``torch.func.vmap`` over stacked per-job parameters.
 
-    Every job draws the same minibatch indices as in ``ClientTrainer`` (same per-job generator). Jobs are
-    grouped by their number of local steps (so no job computes steps it does not take); within a group every
-    batch is padded to the group's widest, padded samples carrying mask 0 in a masked mean loss. The result
-    equals the one-by-one ``ClientTrainer`` up to floating-point summation order (the tests state the
-    tolerance); the engine's batch layout is a function of the schedule, so a run is still bit-reproducible.
+    Every job draws the same minibatch indices as in ``ClientTrainer`` (same per-job generator). Every batch
+    is padded to one width fixed for the run (the batch size, or the largest client for full-batch steps),
+    padded samples carrying mask 0 in a masked mean loss, and jobs are grouped by their number of local steps
+    (so no job computes steps it does not take). A job's computation therefore has the same shapes whichever
+    jobs share its call, and its result is bit-identical whatever the engine's batch layout (a lone job is
+    vmapped beside a copy of itself for the same reason). Against the one-by-one ``ClientTrainer`` the result
+    differs only by floating-point summation order (the tests state the tolerance).
     """
 
     def __init__(self, model: FlatModel, data: FederatedData, local: LocalTraining) -> None:
         super().__init__(model, data, local)
         from torch.func import grad, vmap
 
+        largest = int(data.client_sizes.max())
+        self.width = largest if local.batch_size is None else min(local.batch_size, largest)
         self._vgrad = vmap(grad(model.masked_loss), randomness="different" if model.has_dropout else "error")
 
     def train(self, starts: torch.Tensor, clients: list[int], seeds: list[int]) -> torch.Tensor:
@@ -124,8 +128,9 @@ class BatchedTrainer(ClientTrainer):
 
     def _train_group(self, starts: torch.Tensor, plans: list[list[torch.Tensor]], n_steps: int,
                      seed: int) -> torch.Tensor:
-        n = len(plans)
-        width = max((len(idx) for plan in plans for idx in plan), default=0)
+        n, width = len(plans), self.width
+        if n == 1:  # vmap over one job may pick other kernels than over many: keep the shapes uniform
+            return self._train_group(starts.repeat(2, 1), plans * 2, n_steps, seed)[:1]
         index = torch.zeros((n, n_steps, width), dtype=torch.long)
         mask = torch.zeros((n, n_steps, width))
         for j, plan in enumerate(plans):

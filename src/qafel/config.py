@@ -133,6 +133,7 @@ class RunConfig:
     progress: bool = True
     codec: str = "simulated"
     client_batch: int = 256
+    checkpoint_every: int = 1000  # server steps between checkpoints (0: only at the end)
     trainer: str = "batched"  # batched (torch.func.vmap over jobs) | loop (one job at a time, the reference)
     compute_optimum: bool | None = None  # None: only for convex models (logreg)
 
@@ -172,6 +173,7 @@ class Config:
     seed: int = 0
     device: str = "cpu"
     name: str | None = None
+    resume: Any = None  # true (this config's latest run) or a run directory: continue from its checkpoint
 
 
 def _one_of(key: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -239,6 +241,7 @@ def _check_ranges(c: DictConfig) -> None:
     _at_least("run.server_steps", c.run.server_steps, 1)
     _at_least("run.eval_every", c.run.eval_every, 1)
     _at_least("run.client_batch", c.run.client_batch, 1)
+    _at_least("run.checkpoint_every", c.run.checkpoint_every, 0)
     _one_of("run.codec", c.run.codec, ("simulated", "wire"))
     _one_of("run.trainer", c.run.trainer, ("batched", "loop"))
     ta = c.run.target_accuracy

@@ -43,6 +43,7 @@ class EngineSettings:
     hidden_state_replicas: int = 0    # QAFeL: client copies of x̂ kept (and checked) beside the server's
     client_batch: int = 256           # jobs trained together at most
     target_accuracy: float | None = None
+    checkpoint_every: int = 0         # call on_checkpoint every this many server steps (0: never)
 
 
 @dataclass
@@ -108,7 +109,8 @@ class Engine:
                  server_quantizer: Quantizer, optimizer: ServerOptimizer, staleness_weight: StalenessWeight,
                  schedule: Iterator[Event], evaluate: Callable[[torch.Tensor], dict[str, float]],
                  on_eval: Callable[[dict[str, Any]], None] | None = None,
-                 on_server_step: Callable[[int], None] | None = None) -> None:
+                 on_server_step: Callable[[int], None] | None = None,
+                 on_checkpoint: Callable[[Engine], None] | None = None) -> None:
         self.s = settings
         self.trainer = trainer
         self.qc, self.qs = client_quantizer, server_quantizer
@@ -118,6 +120,7 @@ class Engine:
         self.evaluate = evaluate
         self.on_eval = on_eval
         self.on_server_step = on_server_step
+        self.on_checkpoint = on_checkpoint
         self.d = x0.numel()
         self.x = x0.clone()
         self.xhat = x0.clone() if settings.algorithm == "qafel" else None
@@ -134,15 +137,21 @@ class Engine:
         self.diverged_at: int | None = None
         self.history: list[dict[str, Any]] = []
         self._last_eval_step = -1
+        self.events_processed = 0
         self._wall0 = time.perf_counter()
 
     # ----------------------------------------------------------------------------------------------- loop
     def run(self) -> dict[str, Any]:
-        """Process events until ``server_steps`` server steps are done (or the run diverges)."""
-        self._evaluate()
+        """Process events until ``server_steps`` server steps are done (or the run diverges).
+
+        A restored engine (``load_state_dict``) continues where its checkpoint stopped.
+        """
+        if not self.history:
+            self._evaluate()
         for event in self.schedule:
             if self.server_step >= self.s.server_steps or self.status != "running":
                 break
+            self.events_processed += 1
             self.c.concurrency_area += len(self.jobs) * (event.time - self.time)
             self.time = event.time
             if event.kind == "start":
@@ -174,6 +183,8 @@ class Engine:
         entry = self.jobs[job.job_id]
         if entry.update is None and entry.payload is None:
             self._train_pending()
+            if self.status != "running":
+                return
         del self.jobs[job.job_id]
         update = self.qc.decode(entry.payload).to(self.x.device) if entry.payload is not None else entry.update
         self.c.uploads += 1
@@ -203,6 +214,9 @@ class Engine:
             clients = [e.job.client for e in chunk]
             seeds = [job_seed(self.s.seed, STREAM_CLIENT_TRAIN, e.job.job_id) for e in chunk]
             deltas = self.trainer.train(starts, clients, seeds)
+            if not is_finite(deltas):  # a client's local training blew up: nothing sensible to quantize
+                self._diverge()
+                return
             gens = [torch.Generator().manual_seed(job_seed(self.s.seed, STREAM_CLIENT_QUANT, e.job.job_id))
                     for e in chunk]
             if self.s.codec == "wire":
@@ -225,17 +239,22 @@ class Engine:
         self.buffer.zero_()
         self.k = 0
         self.server_step += 1
+        if not is_finite(self.x):
+            self._diverge()
+            self._evaluate()
+            return
         if self.s.algorithm == "fedbuff":
             self.c.bytes_broadcast += 4 * self.d
             self.c.broadcasts += 1
         elif self.s.algorithm == "qafel":
             self._move_hidden_state()
-        if not is_finite(self.x):
-            self._diverge()
         if self.on_server_step is not None:
             self.on_server_step(self.server_step)
         if self.server_step % self.s.eval_every == 0 or self.server_step == self.s.server_steps:
             self._evaluate()
+        every = self.s.checkpoint_every
+        if self.on_checkpoint is not None and every and self.server_step % every == 0:
+            self.on_checkpoint(self)
 
     def _move_hidden_state(self) -> None:
         """x̂ ← x̂ + Q_s(x − x̂) on the server and on every client copy, from the same broadcast message.
@@ -276,6 +295,30 @@ class Engine:
     def _diverge(self) -> None:
         self.status = "diverged"
         self.diverged_at = self.server_step
+
+    # ----------------------------------------------------------------------------------------- checkpoints
+    _STATE = ("x", "xhat", "replicas", "buffer", "k", "server_step", "time", "jobs", "versions", "c", "status",
+              "diverged_at", "history", "_last_eval_step", "events_processed")
+
+    def state_dict(self) -> dict[str, Any]:
+        """The complete engine state: models, buffer, optimizer, version store, jobs in flight (with their
+        trained updates), counters, metrics so far, every generator's state and how far the schedule got."""
+        return {**{k: getattr(self, k) for k in self._STATE},
+                "optimizer": dict(self.optimizer.__dict__),
+                "server_gen": self.server_gen.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "wall_elapsed": time.perf_counter() - self._wall0}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a ``state_dict``; the (exogenous) schedule is replayed up to where the checkpoint stood."""
+        for k in self._STATE:
+            setattr(self, k, state[k])
+        self.optimizer.__dict__.update(state["optimizer"])
+        self.server_gen.set_state(state["server_gen"])
+        torch.set_rng_state(state["torch_rng"])
+        self._wall0 = time.perf_counter() - state["wall_elapsed"]
+        for _ in range(self.events_processed):
+            next(self.schedule)
 
     # -------------------------------------------------------------------------------------------- metrics
     def _evaluate(self) -> None:

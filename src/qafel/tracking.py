@@ -27,12 +27,15 @@ def _jsonable(value: Any) -> Any:
 class RunRecorder:
     """Writes one JSON line per evaluation to ``metrics.jsonl`` and the final ``summary.json``."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, history: list[Mapping[str, Any]] | None = None) -> None:
+        """Start ``metrics.jsonl`` afresh, with ``history`` (a resumed run's records so far) written first."""
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.summary_path = self.run_dir / "summary.json"
         self._fh = open(self.metrics_path, "w")  # noqa: SIM115 - kept open for the run's lifetime
+        for record in history or []:
+            self.log(record)
 
     def log(self, record: Mapping[str, Any]) -> None:
         """Append one evaluation record (flushed at once, so a killed run keeps what it logged)."""
