@@ -105,7 +105,8 @@ def test_schedule_statistics_hold_inside_the_engine():
 
 def test_fedbuff_with_k1_and_one_job_in_flight_is_sequential_sgd():
     overrides = ("model=logreg", "algorithm=fedbuff", "algorithm.buffer_size=1", "timing=closed_loop",
-                 "timing.concurrency=1", "timing.restart=random_idle", "client.local_steps=1", "client.batch_size=full", "client.lr=0.5",
+                 "timing.concurrency=1", "timing.restart=random_idle", "client.local_steps=1",
+                 "client.batch_size=full", "client.lr=0.5",
                  "server.lr=1.0", "server.reduction=sum", "run.server_steps=40", "run.eval_every=40",
                  "dataset.num_clients=10")
     s = setup_run(compose_cfg(*FAST, *overrides))

@@ -32,13 +32,13 @@ def test_default_run_finishes_reaches_85_percent_and_prints_a_summary(tmp_path):
     proc = run_cli(f"hydra.run.dir={tmp_path}", "tracking=none")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert SUMMARY_KEYS <= set(summary)
+    assert set(summary) >= SUMMARY_KEYS
     assert summary["status"] == "completed"
     assert summary["algorithm"] == "qafel"
     assert summary["final_accuracy"] >= 0.85
     assert summary["reduction_vs_fedbuff"] > 4
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert len(lines) >= 2 and METRIC_KEYS <= set(lines[-1])
+    assert len(lines) >= 2 and set(lines[-1]) >= METRIC_KEYS
     assert [r["server_step"] for r in lines] == sorted(r["server_step"] for r in lines)
     for word in ("final accuracy", "uploads", "server steps", "bytes uploaded", "bytes broadcast", "fewer bytes"):
         assert word in proc.stdout

@@ -86,6 +86,8 @@ def setup_run(cfg: DictConfig | dict) -> RunSetup:
     """Validate the config and build data, model, quantizers, schedule and evaluator."""
     cfg = validate(cfg)
     device = torch.device(cfg.device)
+    if cfg.run.threads is not None:
+        torch.set_num_threads(cfg.run.threads)
     torch.manual_seed(cfg.seed)
     data = build_dataset(cfg.dataset, cfg.paths.data_root, cfg.seed).to(device)
     model = build_model(cfg, data)

@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
 from qafel.data.federated import FederatedData
 from qafel.models import FlatModel
@@ -106,19 +108,26 @@ class BatchedTrainer(ClientTrainer):
         super().__init__(model, data, local)
         from torch.func import grad, vmap
 
+        self._full: dict[int, torch.Tensor] = {}
         largest = int(data.client_sizes.max())
         self.width = largest if local.batch_size is None else min(local.batch_size, largest)
         self._vgrad = vmap(grad(model.masked_loss), randomness="different" if model.has_dropout else "error")
+
+    def _full_index(self, client: int) -> torch.Tensor:
+        """All of a client's rows in the global data (cached: full-batch steps reuse it)."""
+        idx = self._full.get(client)
+        if idx is None:
+            idx = self._full[client] = torch.arange(int(self.data.offsets[client]), int(self.data.offsets[client + 1]))
+        return idx
 
     def train(self, starts: torch.Tensor, clients: list[int], seeds: list[int]) -> torch.Tensor:
         """Δ for a batch of jobs: row j starts from ``starts[j]`` on ``clients[j]`` with ``seeds[j]``."""
         offsets = self.data.offsets
         groups: dict[int, list[tuple[int, list[torch.Tensor]]]] = {}
         for j, (c, seed) in enumerate(zip(clients, seeds, strict=True)):
-            size = int(offsets[c + 1] - offsets[c])
-            generator = torch.Generator().manual_seed(seed)
-            plan = [(torch.arange(size) if idx is None else idx) + int(offsets[c])
-                    for idx in self.local.batches(size, generator)]
+            base = int(offsets[c])
+            batches = self.local.batches(int(offsets[c + 1]) - base, torch.Generator().manual_seed(seed))
+            plan = [self._full_index(c) if idx is None else idx + base for idx in batches]
             groups.setdefault(len(plan), []).append((j, plan))
         deltas = torch.empty_like(starts)
         for n_steps, members in sorted(groups.items()):
@@ -131,19 +140,24 @@ class BatchedTrainer(ClientTrainer):
         n, width = len(plans), self.width
         if n == 1:  # vmap over one job may pick other kernels than over many: keep the shapes uniform
             return self._train_group(starts.repeat(2, 1), plans * 2, n_steps, seed)[:1]
-        index = torch.zeros((n, n_steps, width), dtype=torch.long)
-        mask = torch.zeros((n, n_steps, width))
-        for j, plan in enumerate(plans):
-            for s, idx in enumerate(plan):
-                index[j, s, : len(idx)] = idx
-                mask[j, s, : len(idx)] = 1.0
+        flat = [idx for plan in plans for idx in plan]  # job-major: (job, step)
+        lengths = torch.tensor([len(idx) for idx in flat])
+        padded = pad_sequence(flat, batch_first=True)
+        index = F.pad(padded, (0, width - padded.shape[1])).view(n, n_steps, width)
+        mask = (torch.arange(width) < lengths.unsqueeze(1)).to(starts.dtype).view(n, n_steps, width)
         device = self.data.X.device
         index, mask = index.to(device), mask.to(device)
         if self.model.has_dropout:
             torch.manual_seed(seed)  # dropout masks come from the global generator
         self.model.module.train()
         w = starts
+        full_batch = self.local.batch_size is None  # every step sees the same samples: gather them once
         for s in range(n_steps):
-            idx = index[:, s]
-            w = w - self.local.lr * self._vgrad(w, self.data.X[idx], self.data.y[idx], mask[:, s])
+            if s == 0 or not full_batch:
+                idx = index[:, s]
+                Xb, yb, mb = self.data.X[idx], self.data.y[idx], mask[:, s]
+            g = self.model.batched_grad(w, Xb, yb, mb)
+            if g is None:
+                g = self._vgrad(w, Xb, yb, mb)
+            w = w - self.local.lr * g
         return starts - w

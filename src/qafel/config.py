@@ -133,6 +133,7 @@ class RunConfig:
     progress: bool = True
     codec: str = "simulated"
     client_batch: int = 256
+    threads: int | None = 1  # torch CPU threads (null: torch's default); 1 is fastest for small models
     checkpoint_every: int = 1000  # server steps between checkpoints (0: only at the end)
     trainer: str = "batched"  # batched (torch.func.vmap over jobs) | loop (one job at a time, the reference)
     compute_optimum: bool | None = None  # None: only for convex models (logreg)
@@ -242,6 +243,8 @@ def _check_ranges(c: DictConfig) -> None:
     _at_least("run.eval_every", c.run.eval_every, 1)
     _at_least("run.client_batch", c.run.client_batch, 1)
     _at_least("run.checkpoint_every", c.run.checkpoint_every, 0)
+    if c.run.threads is not None:
+        _at_least("run.threads", c.run.threads, 1)
     _one_of("run.codec", c.run.codec, ("simulated", "wire"))
     _one_of("run.trainer", c.run.trainer, ("batched", "loop"))
     ta = c.run.target_accuracy
