@@ -101,6 +101,14 @@ def setup_run(cfg: DictConfig | dict) -> RunSetup:
     return RunSetup(cfg, data, model, qc, qs, schedule, Evaluator(model, data, f_star), x0, f_star)
 
 
+def choose_trainer(choice: str, model: FlatModel, device: torch.device) -> str:
+    """``batched`` or ``loop``: ``auto`` batches unless the model convolves on the CPU (measured slower there)."""
+    if choice != "auto":
+        return choice
+    convolves = any(isinstance(m, torch.nn.Conv2d) for m in model.module.modules())
+    return "loop" if convolves and device.type == "cpu" else "batched"
+
+
 def make_engine(s: RunSetup, on_eval: Callable[[dict[str, Any]], None] | None = None,
                 on_server_step: Callable[[int], None] | None = None,
                 on_checkpoint: Callable[[Engine], None] | None = None) -> Engine:
@@ -112,7 +120,8 @@ def make_engine(s: RunSetup, on_eval: Callable[[dict[str, Any]], None] | None = 
         max_staleness=cfg.server.max_staleness, codec=cfg.run.codec,
         hidden_state_replicas=cfg.algorithm.hidden_state_replicas, client_batch=cfg.run.client_batch,
         target_accuracy=cfg.run.target_accuracy, checkpoint_every=cfg.run.checkpoint_every)
-    trainer_cls = BatchedTrainer if cfg.run.trainer == "batched" else ClientTrainer
+    batched = choose_trainer(cfg.run.trainer, s.model, s.x0.device) == "batched"
+    trainer_cls = BatchedTrainer if batched else ClientTrainer
     return Engine(settings, x0=s.x0, trainer=trainer_cls(s.model, s.data, local_training(cfg)),
                   client_quantizer=s.client_quantizer, server_quantizer=s.server_quantizer,
                   optimizer=ServerOptimizer(cfg.server, s.model.d, s.x0.device),

@@ -1,0 +1,1027 @@
+"""Optuna sweeps over qafel runs: accuracy versus communicated bytes, resumable, logged to W&B, many workers.
+
+    qafel-sweep sweeps/pareto_bytes.yaml                        # multi-objective: accuracy vs total bytes
+    qafel-sweep sweeps/lr_tuning.yaml --n-trials 20 seed=1      # extra Hydra overrides apply to every trial
+    qafel-sweep sweeps/bitgrid.yaml --size smoke                # the sweep file's `smoke` size (tests)
+    qafel-sweep sweeps/pareto_bytes.yaml --workers 2            # two local worker processes, one storage
+    qafel-sweep sweeps/pareto_bytes.yaml --storage postgresql://user:pw@host/db --study-name pb1
+    python -m qafel.sweep ...                                   # the same command
+
+A sweep file (``sweeps/*.yaml``)::
+
+    name: pareto_bytes                  # default study name (else the file's stem)
+    base: [model=mlp, run.progress=false]   # Hydra overrides for every trial
+    params:                             # the search space, sampled in this order; keys are override keys
+      algorithm: [qafel, naive]         # a list: categorical choices
+      client_quantizer.bits: {type: int, low: 2, high: 8, when: {algorithm: qafel}}   # conditional
+      client.lr: {type: float, low: 1.0e-2, high: 1.0e+2, log: true}
+      algorithm.buffer_size: {type: int, low: 2, high: 32, log: true}
+    objectives:                         # one (best.yaml) or several (pareto.csv, pareto.png)
+      - {metric: final_accuracy, direction: maximize}
+      - {metric: bytes_up + bytes_broadcast, direction: minimize, name: bytes_sent}
+      # a null metric (uploads_to_target when the target is not reached) prunes the trial, unless `missing: X`
+    sampler: {name: nsga2, seed: 0, population_size: 12}     # tpe | nsga2 | random | grid (+ sampler kwargs)
+    pruner: {name: median, n_startup_trials: 5, metric: accuracy, direction: maximize}   # single objective only
+    n_trials: 40                        # per command; grid: default the points not yet run
+    sizes:                              # --size NAME: replaces n_trials, adds overrides, replaces params
+      smoke: {n_trials: 3, overrides: [run.server_steps=10], params: {...}}
+
+Trials run in ``<sweep dir>/trials/NNNN/`` (``outputs/sweeps/<study>/`` by default) with the same run function
+as ``run.py``; the study lives in ``<sweep dir>/study.db`` unless ``--storage`` names another. Rerunning the
+same command resumes the study and adds trials. After the trials the sweep writes ``trials.csv``, and
+``pareto.csv`` + ``pareto.png`` (several objectives) or ``best.yaml`` (one objective).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import multiprocessing
+import os
+import shlex
+import sys
+import traceback
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+import qafel
+from qafel.errors import ConfigError
+
+SAMPLERS = ("tpe", "nsga2", "random", "grid")
+PRUNERS = ("none", "median", "percentile", "hyperband", "successive_halving", "threshold", "patient")
+PARAM_TYPES = ("categorical", "int", "float")
+SPEC_KEYS = ("name", "description", "base", "params", "objectives", "sampler", "pruner", "n_trials", "sizes")
+SIZE_KEYS = ("n_trials", "overrides", "params", "sampler", "pruner")
+#: Summary keys recorded with every trial (user attr ``summary``) and written to trials.csv.
+SUMMARY_KEYS = ("status", "final_accuracy", "final_loss", "bytes_up", "bytes_broadcast", "bytes_down_naive",
+                "bytes_total", "uploads_to_target", "server_steps", "uploads", "mean_staleness", "wall_time_s",
+                "diverged_at_step")
+
+
+class SweepError(RuntimeError):
+    """The sweep cannot run (storage, study or config directory problem); the message says why."""
+
+
+# ------------------------------------------------------------------------------------------------ spec
+@dataclass
+class Param:
+    """One search-space dimension; ``name`` is the Hydra override key (e.g. ``client_quantizer.bits``)."""
+
+    name: str
+    type: str
+    choices: list[Any] | None = None
+    low: float | None = None
+    high: float | None = None
+    step: float | None = None
+    log: bool = False
+    when: dict[str, list[Any]] = field(default_factory=dict)
+
+    def active(self, context: Mapping[str, Any]) -> bool:
+        """Whether the condition ``when`` holds for the values chosen so far (fixed overrides + sampled)."""
+        for key, allowed in self.when.items():
+            if key not in context or format_value(context[key]) not in {format_value(a) for a in allowed}:
+                return False
+        return True
+
+    def suggest(self, trial: optuna.Trial) -> Any:
+        """Sample this parameter in ``trial``."""
+        if self.type == "categorical":
+            return trial.suggest_categorical(self.name, self.choices)
+        if self.type == "int":
+            return trial.suggest_int(self.name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
+        return trial.suggest_float(self.name, float(self.low), float(self.high), step=self.step, log=self.log)
+
+    def grid(self) -> list[Any]:
+        """The finite list of values the grid sampler visits."""
+        if self.type == "categorical":
+            return list(self.choices)
+        if self.type == "int":
+            return list(range(int(self.low), int(self.high) + 1, int(self.step or 1)))
+        if self.step is None:
+            raise ConfigError(f"params.{self.name}.step", None, "the grid sampler needs a step (or choices) for "
+                              "float parameters")
+        n = int(math.floor((self.high - self.low) / self.step + 1e-9))
+        return [float(self.low + i * self.step) for i in range(n + 1)]
+
+
+@dataclass
+class Objective:
+    """An objective: a summary key (or a sum of keys, ``bytes_up + bytes_broadcast``) and a direction."""
+
+    name: str
+    metrics: list[str]
+    direction: str
+    missing: float | None = None
+
+    def value(self, summary: Mapping[str, Any]) -> float | None:
+        """The objective's value from a run summary; None when a metric is null and no ``missing`` is set."""
+        parts = [summary.get(m) for m in self.metrics]
+        if any(p is None for p in parts):
+            return None if self.missing is None else float(self.missing)
+        return float(sum(float(p) for p in parts))
+
+    @property
+    def is_bytes(self) -> bool:
+        """Whether the objective counts bytes (plotted in MB)."""
+        return all(m.startswith("bytes") for m in self.metrics)
+
+
+@dataclass
+class SweepSpec:
+    """A parsed sweep file."""
+
+    name: str
+    base: list[str]
+    params: list[Param]
+    objectives: list[Objective]
+    sampler: dict[str, Any]
+    pruner: dict[str, Any]
+    n_trials: int | None = None
+    description: str = ""
+    sizes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    source: str = "<sweep>"
+
+    @property
+    def multi_objective(self) -> bool:
+        """Whether the sweep has several objectives."""
+        return len(self.objectives) > 1
+
+    @property
+    def conditional(self) -> bool:
+        """Whether any parameter has a ``when`` condition."""
+        return any(p.when for p in self.params)
+
+
+def format_value(value: Any) -> str:
+    """A Python value as a Hydra override value (``null``, ``true``, ``0.01``, strings verbatim)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def override_key(override: str) -> str:
+    """The key of a Hydra override (``+a.b=1`` -> ``a.b``)."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def merge_overrides(*lists: Sequence[str]) -> list[str]:
+    """Concatenate override lists; a later override of the same key replaces the earlier one in place."""
+    out: dict[str, str] = {}
+    for overrides in lists:
+        for o in overrides:
+            out[override_key(o)] = o
+    return list(out.values())
+
+
+def _parse_param(name: str, raw: Any) -> Param:
+    where = f"params.{name}"
+    if isinstance(raw, list):
+        raw = {"type": "categorical", "choices": raw}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(where, raw, "must be a list of choices or a mapping with type, low/high or choices")
+    unknown = set(raw) - {"type", "choices", "low", "high", "step", "log", "when"}
+    if unknown:
+        raise ConfigError(f"{where}.{sorted(unknown)[0]}", raw[sorted(unknown)[0]],
+                          "unknown key; allowed: type, choices, low, high, step, log, when")
+    kind = raw.get("type")
+    if kind is None:
+        if "choices" in raw:
+            kind = "categorical"
+        else:
+            kind = "int" if all(isinstance(raw.get(k), int) for k in ("low", "high")) else "float"
+    if kind not in PARAM_TYPES:
+        raise ConfigError(f"{where}.type", kind, f"must be one of {', '.join(PARAM_TYPES)}")
+    when = raw.get("when") or {}
+    if not isinstance(when, Mapping):
+        raise ConfigError(f"{where}.when", when, "must be a mapping {override key: value or list of values}")
+    when = {str(k): list(v) if isinstance(v, list) else [v] for k, v in when.items()}
+    if kind == "categorical":
+        choices = raw.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise ConfigError(f"{where}.choices", choices, "must be a non-empty list")
+        for c in choices:
+            if not (c is None or isinstance(c, str | int | float | bool)):
+                raise ConfigError(f"{where}.choices", c, "choices must be strings, numbers, booleans or null")
+        return Param(name, kind, choices=choices, when=when)
+    low, high, step, log = raw.get("low"), raw.get("high"), raw.get("step"), bool(raw.get("log", False))
+    for key, v in (("low", low), ("high", high)):
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise ConfigError(f"{where}.{key}", v, "must be a number")
+    if kind == "int" and not (float(low).is_integer() and float(high).is_integer()):
+        raise ConfigError(f"{where}.low", low, "int parameters need integer low and high")
+    if low > high:
+        raise ConfigError(f"{where}.low", low, f"must be <= high ({high})")
+    if log and low <= 0:
+        raise ConfigError(f"{where}.low", low, "must be > 0 with log: true")
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int | float) or step <= 0):
+        raise ConfigError(f"{where}.step", step, "must be a number > 0")
+    if log and step is not None and not (kind == "int" and step == 1):
+        raise ConfigError(f"{where}.step", step, "cannot be combined with log: true")
+    return Param(name, kind, low=low, high=high, step=step, log=log, when=when)
+
+
+def _parse_objective(i: int, raw: Any) -> Objective:
+    where = f"objectives[{i}]"
+    if not isinstance(raw, Mapping) or "metric" not in raw:
+        raise ConfigError(where, raw, "must be a mapping with metric and direction")
+    unknown = set(raw) - {"metric", "direction", "name", "missing"}
+    if unknown:
+        raise ConfigError(f"{where}.{sorted(unknown)[0]}", raw[sorted(unknown)[0]],
+                          "unknown key; allowed: metric, direction, name, missing")
+    metric = raw["metric"]
+    metrics = [m.strip() for m in metric.split("+")] if isinstance(metric, str) else metric
+    if not isinstance(metrics, list) or not metrics or not all(isinstance(m, str) and m for m in metrics):
+        raise ConfigError(f"{where}.metric", metric, "must be a summary key, or keys joined by + (or a list)")
+    direction = raw.get("direction", "maximize" if metrics == ["final_accuracy"] else "minimize")
+    if direction not in ("maximize", "minimize"):
+        raise ConfigError(f"{where}.direction", direction, "must be one of maximize, minimize")
+    missing = raw.get("missing")
+    if missing is not None and (isinstance(missing, bool) or not isinstance(missing, int | float)):
+        raise ConfigError(f"{where}.missing", missing, "must be a number or null")
+    return Objective(str(raw.get("name") or "+".join(metrics)), metrics, direction, missing)
+
+
+def _named(raw: Any, key: str, allowed: tuple[str, ...], default: str) -> dict[str, Any]:
+    out = {"name": raw} if isinstance(raw, str) else dict(raw or {"name": default})
+    if raw is None and key == "pruner":
+        out = {"name": "none"}
+    out.setdefault("name", default)
+    if out["name"] not in allowed:
+        raise ConfigError(f"{key}.name", out["name"], f"must be one of {', '.join(allowed)}")
+    return out
+
+
+def parse_spec(data: Mapping[str, Any], source: str = "<sweep>") -> SweepSpec:
+    """Check a sweep file's contents and return the spec (raises ConfigError naming the bad key)."""
+    if not isinstance(data, Mapping):
+        raise ConfigError("sweep", data, "must be a YAML mapping")
+    unknown = set(data) - set(SPEC_KEYS)
+    if unknown:
+        k = sorted(unknown)[0]
+        raise ConfigError(k, data[k], f"unknown key; allowed: {', '.join(SPEC_KEYS)}")
+    base = list(data.get("base") or [])
+    if not all(isinstance(o, str) and "=" in o for o in base):
+        raise ConfigError("base", base, "must be a list of Hydra overrides key=value")
+    params_raw = data.get("params") or {}
+    if not isinstance(params_raw, Mapping):
+        raise ConfigError("params", params_raw, "must be a mapping {override key: choices or range}")
+    params = [_parse_param(str(k), v) for k, v in params_raw.items()]
+    objectives_raw = data.get("objectives") or [{"metric": "final_accuracy", "direction": "maximize"}]
+    if not isinstance(objectives_raw, list):
+        raise ConfigError("objectives", objectives_raw, "must be a list of {metric, direction}")
+    objectives = [_parse_objective(i, o) for i, o in enumerate(objectives_raw)]
+    if len({o.name for o in objectives}) != len(objectives):
+        raise ConfigError("objectives", [o.name for o in objectives], "objective names must be distinct")
+    sampler = _named(data.get("sampler"), "sampler", SAMPLERS, "nsga2" if len(objectives) > 1 else "tpe")
+    pruner = _named(data.get("pruner") if "pruner" in data else "none", "pruner", PRUNERS, "none")
+    n_trials = data.get("n_trials")
+    if n_trials is not None and (not isinstance(n_trials, int) or isinstance(n_trials, bool) or n_trials < 1):
+        raise ConfigError("n_trials", n_trials, "must be an integer >= 1 or null")
+    sizes = data.get("sizes") or {}
+    if not isinstance(sizes, Mapping):
+        raise ConfigError("sizes", sizes, "must be a mapping {size name: {n_trials, overrides, params, ...}}")
+    for size, body in sizes.items():
+        if not isinstance(body, Mapping) or set(body) - set(SIZE_KEYS):
+            raise ConfigError(f"sizes.{size}", body, f"must be a mapping with keys among {', '.join(SIZE_KEYS)}")
+    name = str(data.get("name") or Path(source).stem)
+    spec = SweepSpec(name=name, base=base, params=params, objectives=objectives, sampler=sampler, pruner=pruner,
+                     n_trials=n_trials, description=str(data.get("description") or ""),
+                     sizes={str(k): dict(v) for k, v in sizes.items()}, source=source)
+    if spec.sampler["name"] == "grid":
+        for p in spec.params:
+            p.grid()
+    return spec
+
+
+def with_size(spec: SweepSpec, size: str) -> SweepSpec:
+    """The spec at a named size: its n_trials, extra overrides, replaced params, sampler and pruner."""
+    if size not in spec.sizes:
+        raise ConfigError("--size", size, f"must be one of {', '.join(spec.sizes) or '(this sweep has no sizes)'}")
+    body = spec.sizes[size]
+    data: dict[str, Any] = {
+        "name": spec.name, "description": spec.description,
+        "base": merge_overrides(spec.base, body.get("overrides") or []),
+        "params": {**{p.name: _param_raw(p) for p in spec.params}, **(body.get("params") or {})},
+        "objectives": [{"metric": o.metrics, "direction": o.direction, "name": o.name, "missing": o.missing}
+                       for o in spec.objectives],
+        "sampler": {**spec.sampler, **(body.get("sampler") or {})},
+        "pruner": {**spec.pruner, **(body.get("pruner") or {})},
+        "n_trials": body.get("n_trials", spec.n_trials),
+    }
+    return parse_spec(data, spec.source)
+
+
+def _param_raw(p: Param) -> dict[str, Any]:
+    raw: dict[str, Any] = {"type": p.type, "when": p.when}
+    if p.type == "categorical":
+        raw["choices"] = p.choices
+    else:
+        raw.update(low=p.low, high=p.high, log=p.log)
+        if p.step is not None:
+            raw["step"] = p.step
+    return raw
+
+
+def find_sweep_file(name: str | Path) -> Path:
+    """The sweep file: a path, or a name looked up in ./sweeps/ and the repository's sweeps/."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    stem = path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml"
+    candidates = [Path("sweeps") / stem, Path(qafel.__file__).resolve().parents[2] / "sweeps" / stem]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise ConfigError("sweep", str(name), "no such sweep file (looked in " + ", ".join(map(str, [path, *candidates]))
+                      + ")")
+
+
+def load_spec(name: str | Path, size: str | None = None) -> SweepSpec:
+    """Read and check a sweep file, at ``size`` if given."""
+    path = find_sweep_file(name)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError("sweep", str(path), f"not valid YAML ({exc})") from None
+    spec = parse_spec(data or {}, str(path))
+    return with_size(spec, size) if size else spec
+
+
+# ------------------------------------------------------------------------------------------- configs
+def config_dir() -> Path:
+    """qafel's Hydra config directory: ``QAFEL_CONFIG_DIR``, else ``conf/`` of the (editable) checkout."""
+    env = os.environ.get("QAFEL_CONFIG_DIR")
+    path = Path(env) if env else Path(qafel.__file__).resolve().parents[2] / "conf"
+    if not (path / "config.yaml").is_file():
+        raise SweepError(f"qafel's config directory not found: {path} has no config.yaml; set QAFEL_CONFIG_DIR to "
+                         "the repository's conf/ folder (or install qafel editable: pip install -e .)")
+    return path
+
+
+def compose_config(overrides: Sequence[str], conf: Path | None = None, return_hydra_config: bool = False) -> DictConfig:
+    """Compose ``config.yaml`` with Hydra's compose API and these overrides."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf or config_dir()), version_base="1.3"):
+            return compose(config_name="config", overrides=list(overrides), return_hydra_config=return_hydra_config)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def sample_params(trial: optuna.Trial, params: Sequence[Param], fixed: Mapping[str, Any]) -> dict[str, Any]:
+    """Sample the active parameters in order; a parameter whose ``when`` fails is left out."""
+    context: dict[str, Any] = dict(fixed)
+    chosen: dict[str, Any] = {}
+    for p in params:
+        if p.active(context):
+            chosen[p.name] = context[p.name] = p.suggest(trial)
+    return chosen
+
+
+# -------------------------------------------------------------------------------------- the objective
+@dataclass
+class SweepPlan:
+    """Everything a worker needs to run trials (picklable: it travels to worker processes)."""
+
+    spec: SweepSpec
+    study_name: str
+    storage: str
+    sweep_dir: Path
+    overrides: list[str]
+    conf: Path
+    pinned: list[str] = field(default_factory=list)
+    context: dict[str, str] = field(default_factory=dict)
+    wandb: bool = False
+
+    @property
+    def params(self) -> list[Param]:
+        """The search space without the parameters fixed by command-line overrides."""
+        return [p for p in self.spec.params if p.name not in self.pinned]
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _close_wandb_run(state: str) -> None:
+    """Close a trial's W&B run that an exception left open (run_experiment closes it only on success)."""
+    wandb = sys.modules.get("wandb")
+    run = getattr(wandb, "run", None) if wandb is not None else None
+    if run is None:
+        return
+    try:
+        run.summary["trial_state"] = state
+        run.finish(exit_code=0 if state == "pruned" else 1)
+    except Exception as exc:  # noqa: BLE001 - tracking never stops a sweep
+        warnings.warn(f"W&B finish failed ({exc})", stacklevel=2)
+
+
+def _pruning_hook(trial: optuna.Trial, plan: SweepPlan) -> Callable[[dict[str, Any]], None] | None:
+    """``on_eval`` that reports the pruner's metric (accuracy) per evaluation and raises TrialPruned when told to.
+
+    Single objective only (Optuna has no intermediate values for several); reported even without a pruner.
+    """
+    pruner = plan.spec.pruner
+    if plan.spec.multi_objective:
+        return None
+    metric = pruner.get("metric", "accuracy")
+    direction = pruner.get("direction", "maximize" if metric == "accuracy" else "minimize")
+    sign = 1.0 if direction == plan.spec.objectives[0].direction else -1.0
+
+    def on_eval(record: dict[str, Any]) -> None:
+        step, value = int(record["server_step"]), record.get(metric)
+        if value is None or step == 0:
+            return
+        value = float(value)
+        if not math.isfinite(value):  # the engine stops a diverged run itself; run_trial records it as pruned
+            return
+        trial.report(sign * value, step)
+        if trial.should_prune():
+            reason = f"pruned by the {pruner['name']} pruner at server step {step} ({metric}={value:.4g})"
+            trial.set_user_attr("reason", reason)
+            raise optuna.TrialPruned(reason)
+
+    return on_eval
+
+
+def run_trial(trial: optuna.Trial, plan: SweepPlan) -> float | list[float]:
+    """One trial: sample, compose the config, run it with ``run_experiment``, return the objective value(s).
+
+    A diverged run, or a null or non-finite objective, raises TrialPruned with the reason in the user attr
+    ``reason``; any other exception is recorded the same way and re-raised (Optuna marks the trial failed).
+    """
+    from qafel.api import run_experiment
+
+    params = sample_params(trial, plan.params, plan.context)
+    overrides = merge_overrides(plan.overrides, [f"{k}={format_value(v)}" for k, v in params.items()])
+    run_dir = plan.sweep_dir / "trials" / f"{trial.number:04d}"
+    trial.set_user_attr("overrides", overrides)
+    trial.set_user_attr("run_dir", str(run_dir))
+    try:
+        cfg = compose_config(overrides, plan.conf)
+        if cfg.tracking.get("backend") == "wandb":
+            with open_dict(cfg):
+                cfg.tracking.group = plan.study_name
+                cfg.tracking.name = f"{plan.study_name}-{trial.number:04d}"
+                cfg.tracking.tags = [*list(cfg.tracking.get("tags") or []), "sweep", plan.study_name]
+        summary = run_experiment(cfg, run_dir, on_eval=_pruning_hook(trial, plan))
+    except optuna.TrialPruned:
+        _close_wandb_run("pruned")
+        raise
+    except Exception as exc:
+        trial.set_user_attr("reason", f"{type(exc).__name__}: {exc}")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "traceback.txt").write_text(traceback.format_exc())
+        _close_wandb_run("failed")
+        raise
+    trial.set_user_attr("summary", {k: _finite(summary.get(k)) for k in SUMMARY_KEYS})
+    if summary.get("status") == "diverged":
+        reason = f"diverged at server step {summary.get('diverged_at_step')} (non-finite model or loss)"
+        trial.set_user_attr("reason", reason)
+        raise optuna.TrialPruned(reason)
+    values: list[float] = []
+    for obj in plan.spec.objectives:
+        v = obj.value(summary)
+        if v is None or not math.isfinite(v):
+            why = "null" if v is None else f"{v}"
+            extra = (f" (target accuracy {summary.get('target_accuracy')} not reached)"
+                     if "uploads_to_target" in obj.metrics and v is None else "")
+            reason = f"objective {obj.name} is {why}{extra}"
+            trial.set_user_attr("reason", reason)
+            raise optuna.TrialPruned(reason)
+        values.append(v)
+    return values if plan.spec.multi_objective else values[0]
+
+
+# --------------------------------------------------------------------------------- storage and study
+def storage_url(storage: str | None, sweep_dir: Path) -> str:
+    """The storage URL: default a SQLite file in the sweep directory; a bare ``.db`` path is SQLite,
+    a bare ``.log``/``.jsonl`` path is an Optuna journal file (``journal:PATH`` too)."""
+    if not storage:
+        return f"sqlite:///{(sweep_dir / 'study.db').resolve()}"
+    if "://" in storage or storage.startswith("journal:"):
+        return storage
+    path = Path(storage).resolve()
+    if path.suffix in (".log", ".jsonl", ".journal"):
+        return f"journal:{path}"
+    return f"sqlite:///{path}"
+
+
+def _with_driver(url: str) -> str:
+    """``postgresql://`` with the installed driver: SQLAlchemy 2.1 defaults to psycopg 3, qafel ships psycopg2."""
+    scheme, sep, rest = url.partition("://")
+    if scheme not in ("postgresql", "postgres") or not sep:
+        return url
+    import importlib.util
+
+    if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
+        return f"postgresql+psycopg2://{rest}"
+    return f"postgresql://{rest}"
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """An Optuna storage for the URL: RDB (SQLite, PostgreSQL, MySQL) with heartbeats, or a journal file."""
+    if url.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        path = Path(url[len("journal:"):].removeprefix("//"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite:"):
+        Path(url.split(":///", 1)[-1]).parent.mkdir(parents=True, exist_ok=True)
+        engine_kwargs = {"connect_args": {"timeout": 120}}
+    else:
+        engine_kwargs = {"pool_pre_ping": True}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            # heartbeats: a trial whose process died (killed machine) is failed after grace_period and rerun once
+            return optuna.storages.RDBStorage(
+                _with_driver(url), engine_kwargs=engine_kwargs, heartbeat_interval=60, grace_period=180,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
+    except ImportError as exc:
+        raise SweepError(f"storage {redact(url)}: the database driver is missing ({exc}); for PostgreSQL: "
+                         "pip install psycopg2-binary") from None
+    except Exception as exc:  # noqa: BLE001 - one clear line instead of a driver traceback
+        raise SweepError(f"cannot open storage {redact(url)}: {type(exc).__name__}: "
+                         f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from None
+
+
+def redact(url: str) -> str:
+    """The storage URL with any password hidden."""
+    if "://" not in url or "@" not in url:
+        return url
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001
+        return url.split("://", 1)[0] + "://***"
+
+
+def make_sampler(spec: SweepSpec, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
+    """The spec's sampler; ``seed_offset`` keeps workers and resumed runs from repeating each other."""
+    opts = {k: v for k, v in spec.sampler.items() if k != "name"}
+    seed = opts.pop("seed", None)
+    seed = None if seed is None else int(seed) + seed_offset
+    name = spec.sampler["name"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # BruteForceSampler
+        return _sampler(name, spec, seed, opts)
+
+
+def _sampler(name: str, spec: SweepSpec, seed: int | None, opts: dict[str, Any]) -> optuna.samplers.BaseSampler:
+    try:
+        if name == "tpe":
+            return optuna.samplers.TPESampler(seed=seed, **opts)
+        if name == "nsga2":
+            return optuna.samplers.NSGAIISampler(seed=seed, **opts)
+        if name == "random":
+            return optuna.samplers.RandomSampler(seed=seed, **opts)
+        if spec.conditional:  # a tree-shaped grid: every valid combination once
+            return optuna.samplers.BruteForceSampler(seed=seed, **opts)
+        return optuna.samplers.GridSampler({p.name: p.grid() for p in spec.params}, seed=seed, **opts)
+    except TypeError as exc:
+        raise ConfigError("sampler", spec.sampler, str(exc)) from None
+
+
+def make_pruner(spec: SweepSpec) -> optuna.pruners.BasePruner:
+    """The spec's pruner (NopPruner for ``none`` or several objectives)."""
+    opts = {k: v for k, v in spec.pruner.items() if k not in ("name", "metric", "direction")}
+    name = spec.pruner["name"]
+    if name == "none" or spec.multi_objective:
+        return optuna.pruners.NopPruner()
+    classes = {"median": optuna.pruners.MedianPruner, "percentile": optuna.pruners.PercentilePruner,
+               "hyperband": optuna.pruners.HyperbandPruner,
+               "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+               "threshold": optuna.pruners.ThresholdPruner}
+    try:
+        if name == "patient":
+            inner = dict(opts.pop("wrapped", {"name": "median"}))
+            wrapped = make_pruner(replace(spec, pruner=inner))
+            return optuna.pruners.PatientPruner(wrapped, **opts)
+        return classes[name](**opts)
+    except TypeError as exc:
+        raise ConfigError("pruner", spec.pruner, str(exc)) from None
+
+
+def create_or_load_study(plan: SweepPlan) -> optuna.Study:
+    """Create the study in its storage, or load it to resume (its directions must match the sweep's)."""
+    storage = open_storage(plan.storage)
+    directions = [o.direction for o in plan.spec.objectives]
+    try:
+        study = optuna.create_study(storage=storage, study_name=plan.study_name, directions=directions,
+                                    load_if_exists=True, sampler=make_sampler(plan.spec),
+                                    pruner=make_pruner(plan.spec))
+    except ValueError as exc:
+        raise SweepError(f"study {plan.study_name} in {redact(plan.storage)} does not match this sweep ({exc}); "
+                         "use another --study-name") from None
+    existing = [d.name.lower() for d in study.directions]
+    if existing != directions:
+        raise SweepError(f"study {plan.study_name} has directions {existing}, this sweep {directions}: "
+                         "use another --study-name")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([o.name for o in plan.spec.objectives])
+    if "sweep" not in study.user_attrs:
+        study.set_user_attr("sweep", plan.spec.source)
+        study.set_user_attr("objectives", [{"name": o.name, "metrics": o.metrics, "direction": o.direction}
+                                           for o in plan.spec.objectives])
+    return study
+
+
+def remaining_grid(study: optuna.Study, plan: SweepPlan) -> int | None:
+    """Grid points not yet started (GridSampler); None where the count is not known in advance."""
+    if plan.spec.sampler["name"] != "grid" or plan.spec.conditional:
+        return None
+    space = {p.name: p.grid() for p in plan.params}
+    size = math.prod(len(v) for v in space.values())
+    started = {t.system_attrs["grid_id"] for t in study.get_trials(deepcopy=False)
+               if t.state != optuna.trial.TrialState.WAITING and "grid_id" in t.system_attrs
+               and t.system_attrs.get("search_space") == space}
+    return max(0, size - len(started))
+
+
+def _worker(plan: SweepPlan, n_trials: int | None, seed_offset: int, threads: int | None = None) -> None:
+    """Run ``n_trials`` trials (None: until the grid is done) of the plan's study in this process."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    spec = replace(plan.spec, params=plan.params)
+    study = optuna.load_study(study_name=plan.study_name, storage=open_storage(plan.storage),
+                              sampler=make_sampler(spec, seed_offset), pruner=make_pruner(spec))
+    study.optimize(lambda trial: run_trial(trial, plan), n_trials=n_trials, catch=(Exception,), gc_after_trial=True)
+
+
+def _spawn_worker(plan: SweepPlan, n_trials: int | None, seed_offset: int, threads: int) -> None:
+    try:
+        _worker(plan, n_trials, seed_offset, threads)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def run_workers(plan: SweepPlan, n_trials: int | None, workers: int, seed_offset: int) -> int:
+    """Run the trials in this process (one worker) or in ``workers`` spawned processes; the number that failed."""
+    if workers <= 1:
+        _worker(plan, n_trials, seed_offset)
+        return 0
+    shares: list[int | None]
+    if n_trials is None:
+        shares = [None] * workers
+    else:
+        shares = [s for s in (n_trials // workers + (i < n_trials % workers) for i in range(workers)) if s > 0]
+    threads = max(1, (os.cpu_count() or 1) // len(shares))
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_spawn_worker, args=(plan, share, seed_offset + 7919 * (i + 1), threads),
+                         name=f"qafel-sweep-worker-{i}") for i, share in enumerate(shares)]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join()
+    except KeyboardInterrupt:
+        for p in procs:
+            p.join(timeout=30)
+        raise
+    return sum(p.exitcode != 0 for p in procs)
+
+
+# ------------------------------------------------------------------------------------------- outputs
+def _trial_row(t: optuna.trial.FrozenTrial, spec: SweepSpec) -> dict[str, Any]:
+    summary = t.user_attrs.get("summary") or {}
+    row: dict[str, Any] = {"number": t.number, "state": t.state.name}
+    for i, obj in enumerate(spec.objectives):
+        row[obj.name] = t.values[i] if t.values is not None and len(t.values) > i else None
+    for p in spec.params:
+        row[f"params_{p.name}"] = t.params.get(p.name)
+    for extra in sorted(set(t.params) - {p.name for p in spec.params}):
+        row[f"params_{extra}"] = t.params[extra]
+    for key in SUMMARY_KEYS:
+        if key not in row:
+            row[key] = summary.get(key)
+    row["duration_s"] = (t.datetime_complete - t.datetime_start).total_seconds() if (
+        t.datetime_complete and t.datetime_start) else None
+    row["reason"] = t.user_attrs.get("reason") or t.system_attrs.get("fail_reason")
+    row["run_dir"] = t.user_attrs.get("run_dir")
+    row["datetime_start"] = t.datetime_start.isoformat() if t.datetime_start else None
+    row["datetime_complete"] = t.datetime_complete.isoformat() if t.datetime_complete else None
+    return row
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: "" if r.get(k) is None else r[k] for k in columns})
+    os.replace(tmp, path)
+
+
+def _columns(rows: list[dict[str, Any]], first: list[str]) -> list[str]:
+    cols = list(first)
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    return cols
+
+
+def _plot_axes(spec: SweepSpec) -> tuple[int, int]:
+    """(x, y) objective indices for the Pareto plot: y the first maximized objective (accuracy), x another."""
+    y = next((i for i, o in enumerate(spec.objectives) if o.direction == "maximize"), 0)
+    x = next(i for i in range(len(spec.objectives)) if i != y)
+    return x, y
+
+
+def write_pareto_plot(path: Path, trials: list[optuna.trial.FrozenTrial], front: list[optuna.trial.FrozenTrial],
+                      spec: SweepSpec, title: str) -> None:
+    """Scatter every completed trial, with the Pareto front highlighted (bytes objectives in MB)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xi, yi = _plot_axes(spec)
+    ox, oy = spec.objectives[xi], spec.objectives[yi]
+
+    def scaled(obj: Objective, v: float) -> float:
+        return v / 1e6 if obj.is_bytes else v
+
+    def label(obj: Objective) -> str:
+        return f"{obj.name} (MB, {obj.direction})" if obj.is_bytes else f"{obj.name} ({obj.direction})"
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    front_ids = {t.number for t in front}
+    others = [t for t in done if t.number not in front_ids]
+    ax.scatter([scaled(ox, t.values[xi]) for t in others], [scaled(oy, t.values[yi]) for t in others],
+               c="0.6", s=22, label=f"trials ({len(done)} completed)")
+    pts = sorted((scaled(ox, t.values[xi]), scaled(oy, t.values[yi]), t.number) for t in front)
+    if pts:
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", c="tab:red", ms=6, lw=1.2,
+                drawstyle="steps-post" if len(spec.objectives) == 2 else "default",
+                label=f"Pareto front ({len(pts)})")
+        for px, py, n in pts:
+            ax.annotate(str(n), (px, py), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    if not done:
+        ax.text(0.5, 0.5, "no completed trials yet", ha="center", va="center", transform=ax.transAxes)
+    xs = [scaled(ox, t.values[xi]) for t in done]
+    if xs and min(xs) > 0 and max(xs) / min(xs) > 20:  # bytes often span decades
+        from matplotlib.ticker import FuncFormatter, NullFormatter
+
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel(label(ox))
+    ax.set_ylabel(label(oy))
+    extra = f"; front over all {len(spec.objectives)} objectives" if len(spec.objectives) > 2 else ""
+    ax.set_title(f"{title}: {oy.name} vs {ox.name}{extra}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_outputs(study: optuna.Study, plan: SweepPlan) -> dict[str, Path]:
+    """Write trials.csv, and pareto.csv + pareto.png (several objectives) or best.yaml (one); return the paths."""
+    spec, out = plan.spec, plan.sweep_dir
+    out.mkdir(parents=True, exist_ok=True)
+    trials = study.get_trials(deepcopy=False)
+    rows = [_trial_row(t, spec) for t in trials]
+    first = ["number", "state", *[o.name for o in spec.objectives], *[f"params_{p.name}" for p in spec.params]]
+    written = {"trials.csv": out / "trials.csv"}
+    _write_csv(written["trials.csv"], rows, _columns(rows, first))
+    if spec.multi_objective:
+        front = study.best_trials
+        xi, _ = _plot_axes(spec)
+        front = sorted(front, key=lambda t: t.values[xi])
+        front_rows = [_trial_row(t, spec) for t in front]
+        written["pareto.csv"] = out / "pareto.csv"
+        _write_csv(written["pareto.csv"], front_rows, _columns(front_rows, first))
+        written["pareto.png"] = out / "pareto.png"
+        write_pareto_plot(written["pareto.png"], trials, front, spec, plan.study_name)
+        return written
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not complete:
+        return written
+    best = study.best_trial
+    overrides = list(best.user_attrs.get("overrides") or [])
+    best_doc = {
+        "study": plan.study_name,
+        "trial": best.number,
+        "objective": spec.objectives[0].name,
+        "direction": spec.objectives[0].direction,
+        "value": best.value,
+        "params": dict(best.params),
+        "overrides": overrides,
+        "command": shlex.join(["python", "run.py", *overrides]),
+        "run_dir": best.user_attrs.get("run_dir"),
+    }
+    written["best.yaml"] = out / "best.yaml"
+    written["best.yaml"].write_text(
+        "# The study's best trial: `command` reruns it (run.py with the trial's overrides, in order)\n"
+        + yaml.safe_dump(best_doc, sort_keys=False))
+    return written
+
+
+def log_sweep_to_wandb(study: optuna.Study, plan: SweepPlan, written: Mapping[str, Path]) -> None:
+    """One W&B summary run per sweep (group = study): the trials table and the Pareto plot. Never raises."""
+    try:
+        import wandb
+
+        cfg = compose_config(plan.overrides, plan.conf).tracking
+        mode = os.environ.get("WANDB_MODE", cfg.get("mode", "offline"))
+        rows = [_trial_row(t, plan.spec) for t in study.get_trials(deepcopy=False)]
+        columns = _columns(rows, ["number", "state"])
+        run = wandb.init(project=cfg.get("project", "qafel"), entity=cfg.get("entity"), group=plan.study_name,
+                         name=f"{plan.study_name}-summary", job_type="sweep-summary",
+                         tags=[*list(cfg.get("tags") or []), "sweep", "sweep-summary"],
+                         config={"study": plan.study_name, "storage": redact(plan.storage),
+                                 "sweep": plan.spec.source, "overrides": plan.overrides,
+                                 "objectives": [o.name for o in plan.spec.objectives]},
+                         dir=str(plan.sweep_dir), mode=mode, reinit="finish_previous",
+                         settings=wandb.Settings(silent=True, init_timeout=60))
+        table = wandb.Table(columns=columns, data=[[_table_cell(r.get(c)) for c in columns] for r in rows])
+        payload: dict[str, Any] = {"trials": table}
+        if "pareto.png" in written:
+            payload["pareto"] = wandb.Image(str(written["pareto.png"]))
+        run.log(payload)
+        run.summary["n_trials"] = len(rows)
+        run.summary["n_complete"] = sum(r["state"] == "COMPLETE" for r in rows)
+        if not plan.spec.multi_objective and "best.yaml" in written:
+            run.summary["best_value"] = study.best_value
+            run.summary["best_trial"] = study.best_trial.number
+        run.finish()
+    except Exception as exc:  # noqa: BLE001 - tracking must never stop a sweep
+        warnings.warn(f"W&B sweep summary skipped ({type(exc).__name__}: {exc})", stacklevel=2)
+
+
+def _table_cell(value: Any) -> Any:
+    return value if value is None or isinstance(value, int | float | str | bool) else str(value)
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def run_sweep(sweep: str | Path | SweepSpec, *, n_trials: int | None = None, study_name: str | None = None,
+              storage: str | None = None, workers: int = 1, overrides: Sequence[str] = (), size: str | None = None,
+              sweep_dir: str | Path | None = None) -> tuple[optuna.Study, dict[str, Path]]:
+    """Run (or resume) a sweep; return the study and the output files written.
+
+    ``n_trials`` trials are added per call (default: the sweep file's, or the grid points not yet run),
+    split over ``workers`` processes on the same storage.
+    """
+    spec = sweep if isinstance(sweep, SweepSpec) else load_spec(sweep, size)
+    if isinstance(sweep, SweepSpec) and size:
+        spec = with_size(spec, size)
+    if workers < 1:
+        raise ConfigError("--workers", workers, "must be an integer >= 1")
+    if n_trials is not None and n_trials < 0:
+        raise ConfigError("--n-trials", n_trials, "must be an integer >= 0")
+    name = study_name or (f"{spec.name}-{size}" if size else spec.name)
+    out = Path(sweep_dir) if sweep_dir else Path("outputs") / "sweeps" / name
+    conf = config_dir()
+    all_overrides = merge_overrides(spec.base, overrides)
+    base_cfg = _base_config(all_overrides, conf)
+    out.mkdir(parents=True, exist_ok=True)
+    plan = SweepPlan(spec=spec, study_name=name, storage=storage_url(storage, out), sweep_dir=out.resolve(),
+                     overrides=all_overrides, conf=conf, pinned=[override_key(o) for o in overrides],
+                     context=_context(base_cfg, spec, all_overrides),
+                     wandb=base_cfg.tracking.get("backend") == "wandb")
+    study = create_or_load_study(plan)
+    before = len(study.trials)
+    n = n_trials if n_trials is not None else spec.n_trials
+    left = remaining_grid(study, plan)
+    if left is not None:
+        n = left if n is None else min(n, left)
+    elif n is None and spec.sampler["name"] != "grid":
+        raise ConfigError("n_trials", None, "set n_trials in the sweep file or pass --n-trials")
+    print(f"study {name} in {redact(plan.storage)}: {before} trials so far; adding "
+          f"{'the rest of the grid' if n is None else n} with {workers} worker(s)", file=sys.stderr)
+    failed_workers = 0
+    if n is None or n > 0:
+        try:
+            failed_workers = run_workers(plan, n, workers, seed_offset=before)
+        except KeyboardInterrupt:
+            write_outputs(study, plan)
+            raise
+    written = write_outputs(study, plan)
+    if plan.wandb:
+        log_sweep_to_wandb(study, plan, written)
+    if failed_workers:
+        raise SweepError(f"{failed_workers} worker process(es) exited with an error (see above); the study keeps "
+                         "their finished trials: rerun the same command to resume")
+    return study, written
+
+
+def _base_config(overrides: Sequence[str], conf: Path) -> DictConfig:
+    """The sweep's fixed config (with Hydra's group choices), validated: a wrong override stops the sweep here."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from qafel.config import validate
+
+    try:
+        cfg = compose_config(overrides, conf, return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException) as exc:
+        msg = " ".join(line.strip() for line in str(exc).strip().splitlines()[:8] if line.strip())
+        bad = next((o for o in overrides if f"'{override_key(o)}'" in msg), None)
+        if bad is None:
+            raise ConfigError("overrides", " ".join(overrides), msg) from None
+        raise ConfigError(override_key(bad), bad.split("=", 1)[-1], msg) from None
+    validate(cfg)
+    return cfg
+
+
+def _context(cfg: DictConfig, spec: SweepSpec, overrides: Sequence[str]) -> dict[str, str]:
+    """What ``when`` conditions compare against before sampling: the fixed overrides, else the base config
+    (a config group's choice, e.g. ``algorithm: qafel``, or a value)."""
+    context = {override_key(o): o.split("=", 1)[1] for o in overrides if "=" in o}
+    choices = dict(cfg.hydra.runtime.choices) if "hydra" in cfg else {}
+    for p in spec.params:
+        for key in p.when:
+            if key in context:
+                continue
+            if key in choices:
+                context[key] = format_value(choices[key])
+            else:
+                value = OmegaConf.select(cfg, key, default=None)
+                if value is not None and not OmegaConf.is_config(value):
+                    context[key] = format_value(value)
+    return context
+
+
+def summarize(study: optuna.Study, written: Mapping[str, Path]) -> str:
+    """A few lines on the study's trials and the files written."""
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    count = {s: states.count(s) for s in optuna.trial.TrialState}
+    S = optuna.trial.TrialState
+    lines = [f"study     {study.study_name}",
+             f"trials    {len(states)}: {count[S.COMPLETE]} complete, {count[S.PRUNED]} pruned, "
+             f"{count[S.FAIL]} failed" + (f", {count[S.RUNNING]} running" if count[S.RUNNING] else "")]
+    if len(study.directions) == 1 and count[S.COMPLETE]:
+        lines.append(f"best      trial {study.best_trial.number}: {study.best_value:.6g}")
+    elif len(study.directions) > 1:
+        lines.append(f"pareto    {len(study.best_trials)} trial(s) on the front")
+    if written:
+        folder = next(iter(written.values())).parent
+        lines.append(f"wrote     {', '.join(written)} in {folder}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``qafel-sweep`` argument parser."""
+    p = argparse.ArgumentParser(
+        prog="qafel-sweep", description="Run or resume an Optuna sweep of qafel runs (see sweeps/*.yaml).",
+        epilog="Overrides (key=value, Hydra syntax) apply to every trial and fix searched parameters.")
+    p.add_argument("sweep", help="sweep file (sweeps/NAME.yaml, or NAME)")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides for every trial, e.g. seed=1 run.server_steps=100")
+    p.add_argument("--n-trials", type=int, default=None, help="trials to add (default: the sweep file's)")
+    p.add_argument("--study-name", default=None, help="study name (default: the sweep's name, -SIZE with --size)")
+    p.add_argument("--storage", default=None,
+                   help="Optuna storage URL: sqlite:///f.db, postgresql://user:pw@host/db, journal:PATH "
+                        "(default: sqlite in the sweep directory)")
+    p.add_argument("--workers", type=int, default=1, help="local worker processes on the same storage")
+    p.add_argument("--size", default=None, help="a size from the sweep file's sizes (e.g. smoke)")
+    p.add_argument("--sweep-dir", default=None, help="output directory (default: outputs/sweeps/STUDY)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point ``qafel-sweep``; returns the exit status."""
+    args = build_parser().parse_intermixed_args(argv)
+    try:
+        study, written = run_sweep(args.sweep, n_trials=args.n_trials, study_name=args.study_name,
+                                   storage=args.storage, workers=args.workers, overrides=args.overrides,
+                                   size=args.size, sweep_dir=args.sweep_dir)
+    except (ConfigError, SweepError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished trials are stored; rerun the same command to resume", file=sys.stderr)
+        return 130
+    print(summarize(study, written))
+    return 0
+
+
+if __name__ == "__main__":
+    from qafel.sweep import main as _main  # the importable module, so worker processes unpickle qafel.sweep.*
+
+    sys.exit(_main())

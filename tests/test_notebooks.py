@@ -1,0 +1,51 @@
+"""Every notebook under notebooks/ executes top to bottom (small settings), so the notebooks cannot rot."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from conftest import REPO, need_data_file
+
+nbformat = pytest.importorskip("nbformat", reason="needs the dev extra: pip install -e '.[dev]'")
+nbclient = pytest.importorskip("nbclient", reason="needs the dev extra: pip install -e '.[dev]'")
+
+NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
+
+
+def execute(path: Path, out: Path, data_root: Path) -> nbformat.NotebookNode:
+    nb = nbformat.read(path, as_version=4)
+    keep = {k: v for k, v in os.environ.items()
+            if k not in ("QAFEL_LR_STEPS", "QAFEL_GRID_STEPS", "QAFEL_BITGRID")}  # the small, default settings
+    env = {**keep, "QAFEL_FULL": "0", "QAFEL_NOTEBOOK_OUT": str(out), "QAFEL_DATA_ROOT": str(data_root),
+           "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+           "MPLBACKEND": "Agg", "WANDB_MODE": "disabled"}
+    client = nbclient.NotebookClient(nb, timeout=240, kernel_name="python3",
+                                     resources={"metadata": {"path": str(path.parent)}})
+    client.execute(env=env)
+    return nb
+
+
+def test_there_is_a_paper_reproduction_notebook():
+    assert REPO / "notebooks" / "paper_reproduction.ipynb" in NOTEBOOKS
+
+
+@pytest.mark.slow
+@pytest.mark.needs_data
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_executes_top_to_bottom(path, tmp_path):
+    data_root = need_data_file("mushrooms.libsvm").parent.resolve()
+    nb = execute(path, tmp_path, data_root)
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+    assert not errors
+    if path.stem == "paper_reproduction":
+        reports = tmp_path / "small" / "reports"
+        assert {d.name for d in reports.iterdir()} == {"lr_qsgd", "lr_topk", "lr_local_steps", "bitgrid_digits"}
+        for d in reports.iterdir():
+            assert (d / "table.md").stat().st_size > 0 and (d / "table.csv").stat().st_size > 0
+            assert len(list(d.glob("*.png"))) == 6
+        shown = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+        assert len(shown) >= 8
+        text = "".join(o.get("data", {}).get("text/markdown", "") for c in nb.cells for o in c.get("outputs", []))
+        assert "26,057" in text and "| QAFeL 4/4 × fewer MB up | 7.1× |" in text
