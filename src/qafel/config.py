@@ -135,7 +135,7 @@ class RunConfig:
     client_batch: int = 256
     threads: int | None = 1  # torch CPU threads (null: torch's default); 1 is fastest for small models
     checkpoint_every: int = 1000  # server steps between checkpoints (0: only at the end)
-    trainer: str = "batched"  # batched (torch.func.vmap over jobs) | loop (one job at a time, the reference)
+    trainer: str = "auto"  # auto | batched (torch.func.vmap over jobs) | loop (one job at a time, the reference)
     compute_optimum: bool | None = None  # None: only for convex models (logreg)
 
 
@@ -246,7 +246,7 @@ def _check_ranges(c: DictConfig) -> None:
     if c.run.threads is not None:
         _at_least("run.threads", c.run.threads, 1)
     _one_of("run.codec", c.run.codec, ("simulated", "wire"))
-    _one_of("run.trainer", c.run.trainer, ("batched", "loop"))
+    _one_of("run.trainer", c.run.trainer, ("auto", "batched", "loop"))
     ta = c.run.target_accuracy
     if ta is not None and not 0.0 <= ta <= 1.0:
         raise ConfigError("run.target_accuracy", ta, "must be in [0, 1] or null")
