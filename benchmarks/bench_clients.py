@@ -116,9 +116,10 @@ def bench(name, model, data, local, n_jobs: int, device: str) -> dict:
     diff = float((got - ref).abs().max())
     scale = float(ref.abs().max())
     rel = float(torch.linalg.vector_norm(got - ref) / torch.linalg.vector_norm(ref))
-    return {"workload": name, "device": device, "threads": torch.get_num_threads(), "jobs": n_jobs, "parameters": model.d,
-            "loop_updates_per_s": n_jobs / t_loop, "batched_updates_per_s": n_jobs / t_batched,
-            "speedup": t_loop / t_batched, "qafel_loop_updates_per_s": n_jobs / t_ours_loop, "max_abs_diff": diff, "max_abs_update": scale,
+    return {"workload": name, "device": device, "threads": torch.get_num_threads(), "jobs": n_jobs,
+            "parameters": model.d, "loop_updates_per_s": n_jobs / t_loop, "batched_updates_per_s": n_jobs / t_batched,
+            "speedup": t_loop / t_batched, "qafel_loop_updates_per_s": n_jobs / t_ours_loop, "max_abs_diff": diff,
+            "max_abs_update": scale,
             "relative_error": rel,
             # max-pool/ReLU kinks can route a gradient differently when float sums differ in the last bit,
             # so "same" is judged on the relative norm of the difference

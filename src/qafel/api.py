@@ -225,7 +225,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     target = summary.get("target_accuracy")
     if target is not None:
         hit = summary.get("uploads_to_target")
-        lines.append(f"uploads to {target:.0%}   {hit if hit is not None else 'not reached'}")
+        lines.append(f"{f'uploads to {target:.0%}':<18}{hit if hit is not None else 'not reached'}")
     lines += [
         f"server steps      {summary['server_steps']:,}",
         f"uploads           {summary['uploads']:,}",
