@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -71,10 +70,6 @@ class ServerOptimizer:
         v_hat = self.v / (1 - self.beta2**self.steps)
         return x - self.lr * m_hat / (v_hat.sqrt() + self.eps)
 
-    def state_dict(self) -> dict[str, Any]:
-        """Optimizer state (for checkpoints)."""
-        return {"steps": self.steps, "m": self.m, "v": self.v}
-
 
 def reduce_buffer(buffer: torch.Tensor, k: int, reduction: str) -> torch.Tensor:
     """g from the buffer S of k updates: S (``sum``, FLSim and the paper's NN runs) or S/k (``mean``)."""
@@ -88,8 +83,3 @@ def reduce_buffer(buffer: torch.Tensor, k: int, reduction: str) -> torch.Tensor:
 def is_finite(t: torch.Tensor) -> bool:
     """True when every entry is finite."""
     return bool(torch.isfinite(t).all())
-
-
-def finite_or_nan(value: float) -> float | None:
-    """JSON-friendly float: None for NaN/inf."""
-    return value if math.isfinite(value) else None

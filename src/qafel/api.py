@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -199,11 +198,6 @@ def _progress_bar(cfg: DictConfig):
 
     return tqdm(total=cfg.run.server_steps, desc=f"{cfg.algorithm.name} server steps", unit="step",
                 dynamic_ncols=True)
-
-
-def load_summary(run_dir: str | Path) -> dict[str, Any]:
-    """Read a run directory's summary.json."""
-    return json.loads((Path(run_dir) / "summary.json").read_text())
 
 
 def format_summary(summary: dict[str, Any]) -> str:

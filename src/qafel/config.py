@@ -7,7 +7,6 @@ starts with the dotted key, its value and what is allowed.
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -266,8 +265,3 @@ def quantizer_options(q: DictConfig) -> dict[str, Any]:
     if "levels" in opts:
         opts.pop("bits", None)
     return opts
-
-
-def default_data_root() -> str:
-    """``QAFEL_DATA_ROOT`` if set, else ``./data``."""
-    return os.environ.get("QAFEL_DATA_ROOT", "./data")
