@@ -140,18 +140,19 @@ class BatchedTrainer(ClientTrainer):
         n, width = len(plans), self.width
         if n == 1:  # vmap over one job may pick other kernels than over many: keep the shapes uniform
             return self._train_group(starts.repeat(2, 1), plans * 2, n_steps, seed)[:1]
-        flat = [idx for plan in plans for idx in plan]  # job-major: (job, step)
+        full_batch = self.local.batch_size is None  # every step sees the same samples: build and gather once
+        steps_built = 1 if full_batch else n_steps
+        flat = [idx for plan in plans for idx in plan[:steps_built]]  # job-major: (job, step)
         lengths = torch.tensor([len(idx) for idx in flat])
         padded = pad_sequence(flat, batch_first=True)
-        index = F.pad(padded, (0, width - padded.shape[1])).view(n, n_steps, width)
-        mask = (torch.arange(width) < lengths.unsqueeze(1)).to(starts.dtype).view(n, n_steps, width)
+        index = F.pad(padded, (0, width - padded.shape[1])).view(n, steps_built, width)
+        mask = (torch.arange(width) < lengths.unsqueeze(1)).to(starts.dtype).view(n, steps_built, width)
         device = self.data.X.device
         index, mask = index.to(device), mask.to(device)
         if self.model.has_dropout:
             torch.manual_seed(seed)  # dropout masks come from the global generator
         self.model.module.train()
         w = starts
-        full_batch = self.local.batch_size is None  # every step sees the same samples: gather them once
         for s in range(n_steps):
             if s == 0 or not full_batch:
                 idx = index[:, s]
