@@ -221,6 +221,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         hit = summary.get("uploads_to_target")
         lines.append(f"{f'uploads to {target:.0%}':<18}{hit if hit is not None else 'not reached'}")
     lines += [
+        f"parameters        {summary['num_parameters']:,}",
         f"server steps      {summary['server_steps']:,}",
         f"uploads           {summary['uploads']:,}",
         f"bytes uploaded    {mb(summary['bytes_up'])}  ({summary['message_bytes_up'] or 0:,.0f} B/message; "
