@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
@@ -40,6 +41,16 @@ def compose_cfg(*overrides: str):
 
 
 FAST = ("tracking=none", "run.progress=false")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread, as runs use by default (run.threads=1): OpenMP spin-waits make two threads up to
+    100x slower for tiny kernels on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

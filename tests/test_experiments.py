@@ -6,7 +6,6 @@ import contextlib
 import json
 
 import pytest
-import torch
 from conftest import CONF, FAST, compose_cfg, need_data_file
 
 from qafel.api import run_experiment
@@ -22,15 +21,6 @@ from qafel.data.fixtures import (
 EXPERIMENTS = ("paper_logreg", "paper_celeba", "paper_cifar10", "paper_cifar10_concurrency", "paper_shakespeare",
                "fmnist_bitgrid", "shakespeare_roles")
 QUICK = (*FAST, "run.server_steps=2", "run.eval_every=1", "algorithm.buffer_size=2")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny workloads: one intra-op thread (OpenMP spin-waits make 2 threads 10x slower on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_the_experiment_group_holds_exactly_these_configs():

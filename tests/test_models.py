@@ -10,15 +10,6 @@ from qafel.models import CharLSTM, FlatModel, build_module, lstm_unrolled
 from qafel.quantizers import build_quantizer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny workloads: one intra-op thread (OpenMP spin-waits make 2 threads 10x slower on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def flat(cfg: dict, shape: tuple[int, ...], classes: int) -> FlatModel:
     return FlatModel(build_module(cfg, shape, classes))
 
