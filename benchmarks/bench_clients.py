@@ -1,7 +1,11 @@
-"""Client-update throughput: a per-client loop as FLSim does it versus qafel's batched (vmap) trainer.
+"""Client-update throughput: a per-client loop as FLSim does it versus qafel's client trainer.
 
 Both run side by side in one process on the same jobs (same clients, start models and minibatches), and the
-script checks that they produce the same updates. Usage:
+script checks that they produce the same updates. "qafel" is the trainer the engine uses for that model and
+device (``run.trainer=auto``): the batched vmap trainer, except for convolutional models on the CPU, where
+vmapped per-job convolutions become slow grouped convolutions and the engine trains jobs one by one with
+fused GroupNorm/ReLU/max-pool kernels. The vmap trainer's and qafel's own loop's throughputs are printed too.
+Usage:
 
     python benchmarks/bench_clients.py [--jobs N] [--device cpu|cuda] [--json] [--e2e] [--memory]
 
@@ -26,6 +30,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
+from qafel.api import choose_trainer  # noqa: E402
 from qafel.clients import BatchedTrainer, ClientTrainer, LocalTraining, job_seed  # noqa: E402
 from qafel.data import FederatedData, build_dataset  # noqa: E402
 from qafel.models import FlatModel, build_module  # noqa: E402
@@ -65,6 +70,8 @@ def flsim_style_loop(model: FlatModel, data: FederatedData, local: LocalTraining
     out = []
     for start, c, seed in zip(starts, clients, seeds, strict=True):
         net = copy.deepcopy(model.module)
+        if hasattr(net, "fused_cpu"):
+            net.fused_cpu = False  # FLSim's CNN runs GroupNorm, ReLU and MaxPool2d as separate modules
         torch.nn.utils.vector_to_parameters(start.clone(), net.parameters())  # params become views of it
         opt = torch.optim.SGD(net.parameters(), lr=local.lr)
         X, y = data.client(c)
@@ -97,33 +104,34 @@ def bench(name, model, data, local, n_jobs: int, device: str) -> dict:
     seeds = [job_seed(0, 1, j) for j in range(n_jobs)]
     batched = BatchedTrainer(model, data, local)
     ours_loop = ClientTrainer(model, data, local)
+    chosen = choose_trainer("auto", model, torch.device(device))
     batched.train(starts[:4], clients[:4], seeds[:4])  # warm-ups: first calls pay one-off costs
     ours_loop.train(starts[:2], clients[:2], seeds[:2])
     flsim_style_loop(model, data, local, starts[:2], clients[:2], seeds[:2])
-    _sync(device)
-    t0 = time.perf_counter()
-    ref = flsim_style_loop(model, data, local, starts, clients, seeds)
-    _sync(device)
-    t_loop = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    got = batched.train(starts, clients, seeds)
-    _sync(device)
-    t_batched = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    ours_loop.train(starts, clients, seeds)
-    _sync(device)
-    t_ours_loop = time.perf_counter() - t0
+
+    def timed(fn):
+        _sync(device)
+        t0 = time.perf_counter()
+        out = fn(starts, clients, seeds)
+        _sync(device)
+        return out, time.perf_counter() - t0
+
+    ref, t_loop = timed(lambda *a: flsim_style_loop(model, data, local, *a))
+    vmapped, t_vmap = timed(batched.train)
+    looped, t_ours_loop = timed(ours_loop.train)
+    got, t_qafel = (vmapped, t_vmap) if chosen == "batched" else (looped, t_ours_loop)
     diff = float((got - ref).abs().max())
     scale = float(ref.abs().max())
     rel = float(torch.linalg.vector_norm(got - ref) / torch.linalg.vector_norm(ref))
+    rel_vmap = float(torch.linalg.vector_norm(vmapped - ref) / torch.linalg.vector_norm(ref))
     return {"workload": name, "device": device, "threads": torch.get_num_threads(), "jobs": n_jobs,
-            "parameters": model.d, "loop_updates_per_s": n_jobs / t_loop, "batched_updates_per_s": n_jobs / t_batched,
-            "speedup": t_loop / t_batched, "qafel_loop_updates_per_s": n_jobs / t_ours_loop, "max_abs_diff": diff,
-            "max_abs_update": scale,
-            "relative_error": rel,
+            "parameters": model.d, "qafel_trainer": chosen, "loop_updates_per_s": n_jobs / t_loop,
+            "batched_updates_per_s": n_jobs / t_qafel, "speedup": t_loop / t_qafel,
+            "vmap_updates_per_s": n_jobs / t_vmap, "qafel_loop_updates_per_s": n_jobs / t_ours_loop,
+            "max_abs_diff": diff, "max_abs_update": scale, "relative_error": rel, "vmap_relative_error": rel_vmap,
             # max-pool/ReLU kinks can route a gradient differently when float sums differ in the last bit,
             # so "same" is judged on the relative norm of the difference
-            "same_updates": rel < 1e-3}
+            "same_updates": rel < 1e-3 and rel_vmap < 1e-3}
 
 
 def e2e_paper_logreg() -> dict:
@@ -139,8 +147,9 @@ def e2e_paper_logreg() -> dict:
             "server_steps": summary["server_steps"], "suboptimality": summary.get("suboptimality")}
 
 
-def peak_memory_cnn(device: str, clients: int = 1000) -> dict:
-    """Peak resident memory of one batched local epoch for ``clients`` concurrent CNN jobs (batch 32)."""
+def peak_memory_cnn(device: str, clients: int = 1000, client_batch: int = 256) -> dict:
+    """Peak memory of training ``clients`` concurrent CNN jobs (one local epoch of batch 32) as the engine does:
+    with the trainer ``run.trainer=auto`` picks, at most ``client_batch`` jobs per call (run.client_batch)."""
     gen = torch.Generator().manual_seed(0)
     per_client = 32
     X = torch.randn(clients * per_client, 3, 32, 32, generator=gen)
@@ -152,10 +161,14 @@ def peak_memory_cnn(device: str, clients: int = 1000) -> dict:
     starts = model.initial_vector(0).to(device).repeat(clients, 1)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    BatchedTrainer(model, data, LocalTraining(lr=0.01, local_epochs=1, batch_size=32)).train(
-        starts, list(range(clients)), list(range(clients)))
-    out = {"workload": f"peak_memory_cnn_{clients}_clients", "device": device,
-           "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    local = LocalTraining(lr=0.01, local_epochs=1, batch_size=32)
+    chosen = choose_trainer("auto", model, torch.device(device))
+    trainer = (BatchedTrainer if chosen == "batched" else ClientTrainer)(model, data, local)
+    for lo in range(0, clients, client_batch):
+        hi = min(lo + client_batch, clients)
+        trainer.train(starts[lo:hi], list(range(lo, hi)), list(range(lo, hi)))
+    out = {"workload": f"peak_memory_cnn_{clients}_clients", "device": device, "qafel_trainer": chosen,
+           "client_batch": client_batch, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     if device.startswith("cuda"):
         out["peak_cuda_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out
@@ -166,12 +179,15 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=200)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for both sides (as run.threads)")
+    parser.add_argument("--only", default="", help="run only workloads whose name contains this text")
+    parser.add_argument("--tf32", action="store_true", help="allow TF32 on CUDA (as run.tf32; off)")
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     parser.add_argument("--e2e", action="store_true", help="also time experiment=paper_logreg end to end")
     parser.add_argument("--memory", action="store_true", help="also measure peak memory, 1,000 CNN clients")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    rows = [bench(*w, n_jobs=args.jobs, device=args.device) for w in workloads(args.device)]
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32  # as setup_run does
+    rows = [bench(*w, n_jobs=args.jobs, device=args.device) for w in workloads(args.device) if args.only in w[0]]
     extra = []
     if args.e2e:
         extra.append(e2e_paper_logreg())
@@ -180,11 +196,12 @@ def main() -> None:
     if args.json:
         print(json.dumps(rows + extra, indent=2))
         return
-    print(f"{'workload':34} {'device':6} {'FLSim loop upd/s':>16} {'batched upd/s':>14} {'speedup':>8} "
-          f"{'qafel loop upd/s':>16} {'same':>5}")
+    print(f"{'workload':34} {'device':6} {'FLSim loop upd/s':>16} {'qafel upd/s':>12} {'trainer':>8} {'speedup':>8} "
+          f"{'vmap upd/s':>11} {'same':>5}")
     for r in rows:
-        print(f"{r['workload']:34} {r['device']:6} {r['loop_updates_per_s']:16.1f} {r['batched_updates_per_s']:14.1f} "
-              f"{r['speedup']:7.1f}x {r['qafel_loop_updates_per_s']:16.1f} {str(r['same_updates']):>5}")
+        print(f"{r['workload']:34} {r['device']:6} {r['loop_updates_per_s']:16.1f} {r['batched_updates_per_s']:12.1f} "
+              f"{r['qafel_trainer']:>8} {r['speedup']:7.2f}x {r['vmap_updates_per_s']:11.1f} "
+              f"{str(r['same_updates']):>5}")
     for e in extra:
         print(json.dumps(e))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from conftest import CONF, FAST, compose_cfg
 
 from qafel.api import setup_run
@@ -63,6 +64,13 @@ def test_unknown_key_and_wrong_type_are_rejected():
         validate(compose_cfg("+client.lrr=0.1"))
     with pytest.raises(ConfigError, match=r"^run\.server_steps"):
         validate(compose_cfg("run.server_steps=many"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_a_gpu_names_the_device_key():
+    with pytest.raises(ConfigError, match=r"^device='cuda': needs a CUDA GPU") as info:
+        setup_run(compose_cfg(*FAST, "device=cuda"))
+    assert "\n" not in str(info.value)
 
 
 def test_missing_data_file_names_the_path(tmp_path):

@@ -17,6 +17,7 @@ from qafel.clients import BatchedTrainer, ClientTrainer, LocalTraining
 from qafel.config import quantizer_options, validate
 from qafel.data import FederatedData, build_dataset
 from qafel.engine import Engine, EngineSettings
+from qafel.errors import ConfigError
 from qafel.models import FlatModel, build_module
 from qafel.optimum import objective, solve_optimum
 from qafel.quantizers import Quantizer, build_quantizer
@@ -85,6 +86,11 @@ def setup_run(cfg: DictConfig | dict) -> RunSetup:
     """Validate the config and build data, model, quantizers, schedule and evaluator."""
     cfg = validate(cfg)
     device = torch.device(cfg.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device", cfg.device, "needs a CUDA GPU, and torch sees none here: use device=cpu")
+        torch.backends.cuda.matmul.allow_tf32 = bool(cfg.run.tf32)
+        torch.backends.cudnn.allow_tf32 = bool(cfg.run.tf32)
     if cfg.run.threads is not None:
         torch.set_num_threads(cfg.run.threads)
     torch.manual_seed(cfg.seed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -12,6 +13,7 @@ from torch import nn
 from torch.func import functional_call
 
 from qafel.errors import ConfigError
+from qafel.kernels import group_norm_relu_maxpool
 
 MODEL_NAMES = ("logreg", "mlp", "cnn", "resnet18", "char_lstm")
 
@@ -37,6 +39,7 @@ class PaperCNN(nn.Module):
         self.norms = nn.ModuleList(nn.GroupNorm(groups, channels) for _ in range(n_norms))
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(channels * size * size, num_classes)
+        self.fused_cpu = True  # GroupNorm->ReLU->max-pool as one kernel on the CPU (qafel.kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.functional_forward(dict(self.named_parameters()), x)
@@ -44,12 +47,15 @@ class PaperCNN(nn.Module):
     def functional_forward(self, p: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """The forward pass with parameters taken from ``p`` (names as in ``named_parameters``)."""
         n_norms = len(self.norms)
+        fused = self.fused_cpu and x.device.type == "cpu" and x.dim() == 4 and not _vmapped(x, *p.values())
         for i in range(len(self.convs)):
             x = F.conv2d(x, p[f"convs.{i}.weight"], p[f"convs.{i}.bias"], padding=2)
-            j = i % n_norms
-            x = F.group_norm(x, self.norms[j].num_groups, p[f"norms.{j}.weight"], p[f"norms.{j}.bias"],
-                             self.norms[j].eps)
-            x = F.max_pool2d(F.relu(x), 2)
+            norm = self.norms[i % n_norms]
+            weight, bias = p[f"norms.{i % n_norms}.weight"], p[f"norms.{i % n_norms}.bias"]
+            if fused:
+                x = group_norm_relu_maxpool(x, norm.num_groups, weight, bias, norm.eps)
+            else:
+                x = F.max_pool2d(F.relu(F.group_norm(x, norm.num_groups, weight, bias, norm.eps)), 2)
         x = F.dropout(torch.flatten(x, -3), self.dropout.p, self.training)
         return F.linear(x, p["fc.weight"], p["fc.bias"])
 
@@ -285,15 +291,19 @@ class FlatModel:
             return torch.zeros(self.d)
         if init != "default":
             raise ConfigError("model.init", init, "must be one of default, zeros")
+        module = self.module
+        if any(p.device.type != "cpu" for p in module.parameters()):
+            # initialise on the CPU: a CUDA module would draw from the CUDA generator, giving another x⁰
+            module = copy.deepcopy(module).cpu()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            if hasattr(self.module, "reset_parameters"):  # the module's own init (e.g. torchvision's ResNet)
-                self.module.reset_parameters()
+            if hasattr(module, "reset_parameters"):  # the module's own init (e.g. torchvision's ResNet)
+                module.reset_parameters()
             else:
-                for m in self.module.modules():
-                    if hasattr(m, "reset_parameters") and m is not self.module:
+                for m in module.modules():
+                    if hasattr(m, "reset_parameters") and m is not module:
                         m.reset_parameters()
-            return torch.cat([p.detach().reshape(-1) for p in self.module.parameters()]).clone()
+            return torch.cat([p.detach().reshape(-1) for p in module.parameters()]).clone()
 
     def unflatten(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
         """Views of ``w`` shaped as the module's parameters."""
