@@ -107,7 +107,8 @@ def setup_run(cfg: DictConfig | dict) -> RunSetup:
 
 
 def choose_trainer(choice: str, model: FlatModel, device: torch.device) -> str:
-    """``batched`` or ``loop``: ``auto`` batches unless the model convolves on the CPU (measured slower there)."""
+    """``batched`` or ``loop``: ``auto`` batches unless the model convolves on the CPU, where vmapped per-job
+    convolutions become grouped convolutions (measured ~5x slower there than one job at a time)."""
     if choice != "auto":
         return choice
     convolves = any(isinstance(m, torch.nn.Conv2d) for m in model.module.modules())

@@ -152,13 +152,11 @@ class BatchedTrainer(ClientTrainer):
         if self.model.has_dropout:
             torch.manual_seed(seed)  # dropout masks come from the global generator
         self.model.module.train()
-        w = starts
+        w, lr = starts, self.local.lr
         for s in range(n_steps):
             if s == 0 or not full_batch:
                 idx = index[:, s]
                 Xb, yb, mb = self.data.X[idx], self.data.y[idx], mask[:, s]
-            g = self.model.batched_grad(w, Xb, yb, mb)
-            if g is None:
-                g = self._vgrad(w, Xb, yb, mb)
-            w = w - self.local.lr * g
+                step = self.model.linear_sgd_step(Xb, yb, mb, lr)
+            w = step(w) if step is not None else w - lr * self._vgrad(w, Xb, yb, mb)
         return starts - w

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -22,7 +22,9 @@ class PaperCNN(nn.Module):
     """The QAFeL/FLSim CNN: 4 x [conv3x3(pad 2) -> GroupNorm -> ReLU -> maxpool2], dropout, linear.
 
     FLSim reuses one GroupNorm module for all four blocks (``shared_norm=True``), which gives exactly
-    29,282 parameters for 3x32x32 inputs and 2 classes, and 31,594 for 10 classes.
+    29,282 parameters for 3x32x32 inputs and 2 classes, and 31,594 for 10 classes. On the CPU (outside vmap)
+    each block's GroupNorm -> ReLU -> max-pool runs as one fused function (``qafel.kernels``; same values);
+    set ``fused_cpu = False`` for the separate ops.
     """
 
     def __init__(self, in_channels: int, image_size: int, num_classes: int, channels: int = 32,
@@ -257,33 +259,38 @@ class FlatModel:
                 return layers[0]
         return None
 
-    def batched_grad(self, W: torch.Tensor, X: torch.Tensor, y: torch.Tensor,
-                     mask: torch.Tensor) -> torch.Tensor | None:
-        """Per-job gradients of ``masked_loss`` for stacked parameters ``W`` (n, d) and batches ``X`` (n, B, ...),
-        in closed form for logistic regression (None for other models: use autograd).
+    def linear_sgd_step(self, X: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
+                        lr: float) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """For logistic regression, a function taking stacked parameters ``W`` (n, d) to ``W − lr·∇masked_loss``
+        on the batches ``X`` (n, B, ...) in closed form (None for other models: use autograd).
 
-        The logistic loss's gradient is Xᵀ(σ(Xw) − y)/count (softmax − one-hot for several classes), plus l2·w.
+        The logistic loss's gradient is Xᵀ(σ(Xw) − y)/count (softmax − one-hot for several classes), plus l2·w;
+        the step is one fused ``baddbmm`` per step: W ← (1 − lr·l2)·W − lr·Xᵀr. The per-batch quantities are
+        prepared once, so full-batch local steps reuse them.
         """
         lin = self._linear
         if lin is None:
             return None
-        n, batch = W.shape[0], X.shape[1]
+        n, batch = X.shape[0], X.shape[1]
         out, inp = lin.out_features, lin.in_features
-        weight = W[:, : out * inp].view(n, out, inp)
         Xf = X.reshape(n, batch, inp)
-        z = torch.bmm(Xf, weight.transpose(1, 2))  # (n, B, out); einsum picks a far slower path here
-        if lin.bias is not None:
-            z = z + W[:, out * inp:].unsqueeze(1)
         scale = (mask / mask.sum(1, keepdim=True).clamp_min(1.0)).unsqueeze(-1)
-        if self.binary:
-            r = (torch.sigmoid(z) - y.to(z.dtype).unsqueeze(-1)) * scale
-        else:
-            r = (torch.softmax(z, -1) - F.one_hot(y, out).to(z.dtype)) * scale
-        parts = [torch.bmm(r.transpose(1, 2), Xf).reshape(n, -1)]
-        if lin.bias is not None:
-            parts.append(r.sum(1))
-        g = torch.cat(parts, 1)
-        return g + self.l2 * W if self.l2 else g
+        target = y.to(X.dtype).unsqueeze(-1) if self.binary else F.one_hot(y, out).to(X.dtype)
+        decay, split = 1.0 - lr * self.l2, out * inp
+        has_bias, binary = lin.bias is not None, self.binary
+
+        def step(W: torch.Tensor) -> torch.Tensor:
+            weight = W[:, :split].view(n, out, inp)
+            z = torch.bmm(Xf, weight.transpose(1, 2))  # (n, B, out); einsum picks a far slower path here
+            if has_bias:
+                z += W[:, split:].unsqueeze(1)
+            r = (torch.sigmoid_(z) if binary else torch.softmax(z, -1)).sub_(target).mul_(scale)
+            new = torch.baddbmm(weight, r.transpose(1, 2), Xf, beta=decay, alpha=-lr).view(n, split)
+            if not has_bias:
+                return new
+            return torch.cat([new, torch.add(W[:, split:] * decay, r.sum(1), alpha=-lr)], 1)
+
+        return step
 
     def initial_vector(self, seed: int, init: str = "default") -> torch.Tensor:
         """x⁰: the module's default init under ``torch.manual_seed(seed)`` (or all zeros)."""
