@@ -35,6 +35,7 @@ from qafel.api import choose_trainer  # noqa: E402
 from qafel.clients import BatchedTrainer, ClientTrainer, LocalTraining, job_seed  # noqa: E402
 from qafel.data import FederatedData, build_dataset  # noqa: E402
 from qafel.models import FlatModel, build_module  # noqa: E402
+from qafel.system import tune_malloc  # noqa: E402
 
 
 def data_root() -> str:
@@ -202,13 +203,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for both sides (as run.threads)")
     parser.add_argument("--only", default="", help="run only workloads whose name contains this text")
     parser.add_argument("--tf32", action="store_true", help="allow TF32 on CUDA (as run.tf32; off)")
+    parser.add_argument("--no-tune-malloc", action="store_true",
+                        help="leave glibc's allocator as it is (runs tune it: run.tune_malloc)")
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     parser.add_argument("--e2e", action="store_true", help="also time experiment=paper_logreg end to end")
     parser.add_argument("--memory", action="store_true", help="also measure peak memory, 1,000 CNN clients")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32  # as setup_run does
-    rows = [bench(*w, n_jobs=args.jobs, device=args.device) for w in workloads(args.device) if args.only in w[0]]
+    tuned = False if args.no_tune_malloc else tune_malloc()  # as setup_run does; both sides share the process
+    rows = [bench(*w, n_jobs=args.jobs, device=args.device) | {"malloc_tuned": tuned}
+            for w in workloads(args.device) if args.only in w[0]]
     extra = []
     if args.e2e:
         extra.append(e2e_paper_logreg())

@@ -21,6 +21,7 @@ from qafel.errors import ConfigError
 from qafel.models import FlatModel, build_module
 from qafel.optimum import objective, solve_optimum
 from qafel.quantizers import Quantizer, build_quantizer
+from qafel.system import tune_malloc
 from qafel.timing import Schedule
 from qafel.tracking import RunRecorder, make_tracker
 
@@ -93,6 +94,8 @@ def setup_run(cfg: DictConfig | dict) -> RunSetup:
         torch.backends.cudnn.allow_tf32 = bool(cfg.run.tf32)
     if cfg.run.threads is not None:
         torch.set_num_threads(cfg.run.threads)
+    if cfg.run.tune_malloc:
+        tune_malloc()
     torch.manual_seed(cfg.seed)
     data = build_dataset(cfg.dataset, cfg.paths.data_root, cfg.seed).to(device)
     model = build_model(cfg, data)

@@ -137,6 +137,7 @@ class RunConfig:
     trainer: str = "auto"  # auto | batched (torch.func.vmap over jobs) | loop (one job at a time, the reference)
     compute_optimum: bool | None = None  # None: only for convex models (logreg)
     tf32: bool = False  # allow TensorFloat-32 matmuls/convolutions on CUDA (faster, ~1e-3 relative error)
+    tune_malloc: bool = True  # glibc: reuse freed large CPU buffers instead of re-mapping them (qafel.system)
 
 
 @dataclass
