@@ -31,7 +31,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from qafel.api import choose_trainer  # noqa: E402
+from qafel.api import choose_trainer, make_trainer  # noqa: E402
 from qafel.clients import BatchedTrainer, ClientTrainer, LocalTraining, job_seed  # noqa: E402
 from qafel.data import FederatedData, build_dataset  # noqa: E402
 from qafel.models import FlatModel, build_module  # noqa: E402
@@ -149,9 +149,7 @@ def float64_agreement(model: FlatModel, data: FederatedData, local: LocalTrainin
     data64 = dataclasses.replace(data, X=data.X.double(), X_test=data.X_test.double()) if floats else data
     starts64, clients, seeds = starts[:n_jobs].double(), clients[:n_jobs], seeds[:n_jobs]
     ref = flsim_style_loop(model64, data64, local, starts64, clients, seeds)
-    chosen = choose_trainer("auto", model64, starts.device)
-    got = (BatchedTrainer if chosen == "batched" else ClientTrainer)(model64, data64, local).train(
-        starts64, clients, seeds)
+    got = make_trainer("auto", model64, data64, local, starts.device).train(starts64, clients, seeds)
     rel = float(torch.linalg.vector_norm(got - ref) / torch.linalg.vector_norm(ref))
     return {"float64_relative_error": rel, "same_updates": rel < 1e-9}
 
@@ -184,13 +182,13 @@ def peak_memory_cnn(device: str, clients: int = 1000, client_batch: int = 256) -
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     local = LocalTraining(lr=0.01, local_epochs=1, batch_size=32)
-    chosen = choose_trainer("auto", model, torch.device(device))
-    trainer = (BatchedTrainer if chosen == "batched" else ClientTrainer)(model, data, local)
+    trainer = make_trainer("auto", model, data, local, torch.device(device))
     for lo in range(0, clients, client_batch):
         hi = min(lo + client_batch, clients)
         trainer.train(starts[lo:hi], list(range(lo, hi)), list(range(lo, hi)))
-    out = {"workload": f"peak_memory_cnn_{clients}_clients", "device": device, "qafel_trainer": chosen,
-           "client_batch": client_batch, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    out = {"workload": f"peak_memory_cnn_{clients}_clients", "device": device,
+           "qafel_trainer": "batched" if isinstance(trainer, BatchedTrainer) else "loop", "client_batch": client_batch,
+           "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     if device.startswith("cuda"):
         out["peak_cuda_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out

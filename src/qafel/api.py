@@ -118,6 +118,13 @@ def choose_trainer(choice: str, model: FlatModel, device: torch.device) -> str:
     return "loop" if convolves and device.type == "cpu" else "batched"
 
 
+def make_trainer(choice: str, model: FlatModel, data: FederatedData, local: LocalTraining,
+                 device: torch.device) -> ClientTrainer:
+    """The client trainer ``run.trainer`` names (``auto`` as ``choose_trainer`` decides)."""
+    batched = choose_trainer(choice, model, device) == "batched"
+    return (BatchedTrainer if batched else ClientTrainer)(model, data, local)
+
+
 def make_engine(s: RunSetup, on_eval: Callable[[dict[str, Any]], None] | None = None,
                 on_server_step: Callable[[int], None] | None = None,
                 on_checkpoint: Callable[[Engine], None] | None = None) -> Engine:
@@ -129,9 +136,8 @@ def make_engine(s: RunSetup, on_eval: Callable[[dict[str, Any]], None] | None = 
         max_staleness=cfg.server.max_staleness, codec=cfg.run.codec,
         hidden_state_replicas=cfg.algorithm.hidden_state_replicas, client_batch=cfg.run.client_batch,
         target_accuracy=cfg.run.target_accuracy, checkpoint_every=cfg.run.checkpoint_every)
-    batched = choose_trainer(cfg.run.trainer, s.model, s.x0.device) == "batched"
-    trainer_cls = BatchedTrainer if batched else ClientTrainer
-    return Engine(settings, x0=s.x0, trainer=trainer_cls(s.model, s.data, local_training(cfg)),
+    trainer = make_trainer(cfg.run.trainer, s.model, s.data, local_training(cfg), s.x0.device)
+    return Engine(settings, x0=s.x0, trainer=trainer,
                   client_quantizer=s.client_quantizer, server_quantizer=s.server_quantizer,
                   optimizer=ServerOptimizer(cfg.server, s.model.d, s.x0.device),
                   staleness_weight=StalenessWeight(cfg.server.staleness), schedule=s.schedule,
