@@ -7,7 +7,10 @@ vmapped per-job convolutions become slow grouped convolutions and the engine tra
 fused GroupNorm/ReLU/max-pool kernels. The vmap trainer's and qafel's own loop's throughputs are printed too.
 Usage:
 
-    python benchmarks/bench_clients.py [--jobs N] [--device cpu|cuda] [--json] [--e2e] [--memory]
+    python benchmarks/bench_clients.py [--jobs N] [--repeat R] [--device cpu|cuda] [--json] [--e2e] [--memory]
+
+Each side is timed in R interleaved rounds (default 5) over the same jobs and the median round is reported;
+``--json`` also lists every round's seconds (``loop_round_s``, ``qafel_round_s``).
 
 ``--e2e`` also times ``python run.py experiment=paper_logreg`` end to end (10,000 server steps) in-process;
 ``--memory`` reports peak memory of one batched call over 1,000 concurrent CNN clients.
@@ -97,7 +100,10 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def bench(name, model, data, local, n_jobs: int, device: str) -> dict:
+def bench(name, model, data, local, n_jobs: int, device: str, repeat: int = 5) -> dict:
+    """Times the FLSim-style loop and qafel's trainer on the same jobs in ``repeat`` interleaved rounds (loop,
+    then qafel, then loop...) and reports the median round of each, so a burst of load on a shared machine
+    hits both sides alike and one slow round does not decide the ratio."""
     model.module.to(device)
     gen = torch.Generator().manual_seed(0)
     x0 = model.initial_vector(0).to(device)
@@ -107,6 +113,7 @@ def bench(name, model, data, local, n_jobs: int, device: str) -> dict:
     batched = BatchedTrainer(model, data, local)
     ours_loop = ClientTrainer(model, data, local)
     chosen = choose_trainer("auto", model, torch.device(device))
+    qafel, other = (batched, ours_loop) if chosen == "batched" else (ours_loop, batched)
     batched.train(starts[:4], clients[:4], seeds[:4])  # warm-ups: first calls pay one-off costs
     ours_loop.train(starts[:2], clients[:2], seeds[:2])
     flsim_style_loop(model, data, local, starts[:2], clients[:2], seeds[:2])
@@ -118,17 +125,24 @@ def bench(name, model, data, local, n_jobs: int, device: str) -> dict:
         _sync(device)
         return out, time.perf_counter() - t0
 
-    ref, t_loop = timed(lambda *a: flsim_style_loop(model, data, local, *a))
-    vmapped, t_vmap = timed(batched.train)
-    looped, t_ours_loop = timed(ours_loop.train)
-    got, t_qafel = (vmapped, t_vmap) if chosen == "batched" else (looped, t_ours_loop)
+    loop_times, qafel_times = [], []
+    for _ in range(repeat):
+        ref, t = timed(lambda *a: flsim_style_loop(model, data, local, *a))
+        loop_times.append(t)
+        got, t = timed(qafel.train)
+        qafel_times.append(t)
+    other_out, t_other = timed(other.train)  # the trainer the engine does not pick here: once, for reference
+    vmapped, t_vmap = (other_out, t_other) if chosen != "batched" else (got, float(np.median(qafel_times)))
+    t_ours_loop = t_other if chosen == "batched" else float(np.median(qafel_times))
+    t_loop, t_qafel = float(np.median(loop_times)), float(np.median(qafel_times))
     diff = float((got - ref).abs().max())
     scale = float(ref.abs().max())
     rel = float(torch.linalg.vector_norm(got - ref) / torch.linalg.vector_norm(ref))
     rel_vmap = float(torch.linalg.vector_norm(vmapped - ref) / torch.linalg.vector_norm(ref))
     return {"workload": name, "device": device, "threads": torch.get_num_threads(), "jobs": n_jobs,
             "parameters": model.d, "qafel_trainer": chosen, "loop_updates_per_s": n_jobs / t_loop,
-            "batched_updates_per_s": n_jobs / t_qafel, "speedup": t_loop / t_qafel,
+            "batched_updates_per_s": n_jobs / t_qafel, "speedup": t_loop / t_qafel, "repeat": repeat,
+            "loop_round_s": loop_times, "qafel_round_s": qafel_times,
             "vmap_updates_per_s": n_jobs / t_vmap, "qafel_loop_updates_per_s": n_jobs / t_ours_loop,
             "max_abs_diff": diff, "max_abs_update": scale, "relative_error": rel, "vmap_relative_error": rel_vmap,
             **float64_agreement(model, data, local, starts, clients, seeds)}
@@ -199,6 +213,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=200)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for both sides (as run.threads)")
+    parser.add_argument("--repeat", type=int, default=5,
+                        help="interleaved timing rounds per side; the median round is reported")
     parser.add_argument("--only", default="", help="run only workloads whose name contains this text")
     parser.add_argument("--tf32", action="store_true", help="allow TF32 on CUDA (as run.tf32; off)")
     parser.add_argument("--no-tune-malloc", action="store_true",
@@ -210,7 +226,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32  # as setup_run does
     tuned = False if args.no_tune_malloc else tune_malloc()  # as setup_run does; both sides share the process
-    rows = [bench(*w, n_jobs=args.jobs, device=args.device) | {"malloc_tuned": tuned}
+    rows = [bench(*w, n_jobs=args.jobs, device=args.device, repeat=args.repeat) | {"malloc_tuned": tuned}
             for w in workloads(args.device) if args.only in w[0]]
     extra = []
     if args.e2e:

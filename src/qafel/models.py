@@ -13,7 +13,7 @@ from torch import nn
 from torch.func import functional_call
 
 from qafel.errors import ConfigError
-from qafel.kernels import group_norm_relu_maxpool
+from qafel.kernels import conv2d_constant_input, group_norm_relu_maxpool
 
 MODEL_NAMES = ("logreg", "mlp", "cnn", "resnet18", "char_lstm")
 
@@ -23,8 +23,8 @@ class PaperCNN(nn.Module):
 
     FLSim reuses one GroupNorm module for all four blocks (``shared_norm=True``), which gives exactly
     29,282 parameters for 3x32x32 inputs and 2 classes, and 31,594 for 10 classes. On the CPU (outside vmap)
-    each block's GroupNorm -> ReLU -> max-pool runs as one fused function (``qafel.kernels``; same values);
-    set ``fused_cpu = False`` for the separate ops.
+    each block's GroupNorm -> ReLU -> max-pool runs as one fused function in channels-last layout
+    (``qafel.kernels``; same values to rounding); set ``fused_cpu = False`` for the separate ops.
     """
 
     def __init__(self, in_channels: int, image_size: int, num_classes: int, channels: int = 32,
@@ -50,8 +50,13 @@ class PaperCNN(nn.Module):
         """The forward pass with parameters taken from ``p`` (names as in ``named_parameters``)."""
         n_norms = len(self.norms)
         fused = self.fused_cpu and x.device.type == "cpu" and x.dim() == 4 and not _vmapped(x, *p.values())
+        if fused:  # the fused kernels and the convolutions run in channels-last layout
+            x = x.contiguous(memory_format=torch.channels_last)
         for i in range(len(self.convs)):
-            x = F.conv2d(x, p[f"convs.{i}.weight"], p[f"convs.{i}.bias"], padding=2)
+            if fused and not x.requires_grad:  # the first layer, on data
+                x = conv2d_constant_input(x, p[f"convs.{i}.weight"], p[f"convs.{i}.bias"], 2)
+            else:
+                x = F.conv2d(x, p[f"convs.{i}.weight"], p[f"convs.{i}.bias"], padding=2)
             norm = self.norms[i % n_norms]
             weight, bias = p[f"norms.{i % n_norms}.weight"], p[f"norms.{i % n_norms}.bias"]
             if fused:

@@ -1,0 +1,28 @@
+"""The client-throughput benchmark runs and keeps its JSON interface (its timings are not judged here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO, need_data_file
+
+
+def test_bench_clients_json_lists_every_workload_with_the_documented_keys():
+    root = need_data_file("mushrooms.libsvm").parent
+    env = {**os.environ, "QAFEL_DATA_ROOT": str(root)}
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_clients.py"), "--jobs", "3", "--repeat", "2",
+           "--device", "cpu", "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=True)
+    rows = json.loads(out.stdout)
+    assert [r["workload"] for r in rows] == ["logreg_mushrooms_P10_fullbatch", "mlp_digits_P5_batch16",
+                                             "paper_cnn_32x32_1epoch_batch32"]
+    for r in rows:
+        assert r["device"] == "cpu" and r["jobs"] == 3 and r["repeat"] == 2
+        assert len(r["loop_round_s"]) == len(r["qafel_round_s"]) == 2
+        assert r["loop_updates_per_s"] > 0 and r["batched_updates_per_s"] > 0
+        assert abs(r["speedup"] - r["batched_updates_per_s"] / r["loop_updates_per_s"]) < 1e-9 * r["speedup"]
+        assert r["same_updates"] is True, r
+    assert [r["qafel_trainer"] for r in rows] == ["batched", "batched", "loop"]
