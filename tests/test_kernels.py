@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qafel.kernels import conv2d_constant_input, group_norm_relu_maxpool
+from qafel.kernels import FAST_MIN_ELEMENTS, conv2d_constant_input, group_norm_relu_maxpool
 from qafel.models import FlatModel, build_module
 
 
@@ -38,7 +38,7 @@ def test_fused_equals_unfused_values_and_gradients(shape, groups, positive_weigh
     weight.requires_grad_(True)
     bias = torch.randn(shape[1], generator=gen, dtype=torch.float64, requires_grad=True)
     ref = unfused(x, groups, weight, bias)
-    got = group_norm_relu_maxpool(x, groups, weight, bias)
+    got = group_norm_relu_maxpool(x, groups, weight, bias, fast=True)
     fast = positive_weight and groups == shape[1]
     if fast:
         assert got.is_contiguous(memory_format=torch.channels_last)
@@ -56,23 +56,25 @@ def test_fast_path_takes_channels_last_input_and_a_zero_weight_falls_back():
     x = torch.randn(2, 4, 9, 8, generator=gen, dtype=torch.float64)
     weight, bias = torch.tensor([1.0, 0.5, 2.0, 0.0], dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
     # a zero weight makes the normalised channel constant: every window ties, so the general path is taken
-    assert torch.equal(group_norm_relu_maxpool(x, 4, weight, bias), unfused(x, 4, weight, bias))
+    assert torch.equal(group_norm_relu_maxpool(x, 4, weight, bias, fast=True), unfused(x, 4, weight, bias))
     weight[3] = 3.0
     xcl = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
-    got = group_norm_relu_maxpool(xcl, 4, weight, bias)
+    got = group_norm_relu_maxpool(xcl, 4, weight, bias, fast=True)
+    assert got.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(got, unfused(x, 4, weight, bias), rtol=1e-12, atol=1e-12)
     (gx,) = torch.autograd.grad(got.sum(), xcl)
     (ref,) = torch.autograd.grad(unfused(xcl, 4, weight, bias).sum(), xcl)
     torch.testing.assert_close(gx, ref, rtol=1e-12, atol=1e-12)
 
 
-def test_ties_inside_a_window_route_the_gradient_as_max_pool2d_does():
+@pytest.mark.parametrize("fast", [False, True])
+def test_ties_inside_a_window_route_the_gradient_as_max_pool2d_does(fast):
     # integer-valued inputs make many equal maxima in a window (and all-negative windows after ReLU)
     x = torch.randint(-2, 3, (2, 4, 6, 6)).double().requires_grad_(True)
     weight, bias = torch.ones(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
     g = torch.arange(2 * 4 * 3 * 3, dtype=torch.float64).view(2, 4, 3, 3)
     (a,) = torch.autograd.grad(unfused(x, 4, weight, bias), x, g)
-    (b,) = torch.autograd.grad(group_norm_relu_maxpool(x, 4, weight, bias), x, g)
+    (b,) = torch.autograd.grad(group_norm_relu_maxpool(x, 4, weight, bias, fast=fast), x, g)
     torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
 
 
@@ -82,13 +84,25 @@ def test_gradcheck(channels, groups, weight_low):
     x = torch.randn(2, channels, 7, 6, generator=gen, dtype=torch.float64, requires_grad=True)
     weight = (weight_low + torch.rand(channels, generator=gen, dtype=torch.float64)).requires_grad_(True)
     bias = torch.randn(channels, generator=gen, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *a: group_norm_relu_maxpool(a[0], groups, a[1], a[2]), (x, weight, bias))
+    assert torch.autograd.gradcheck(lambda *a: group_norm_relu_maxpool(a[0], groups, a[1], a[2], fast=True),
+                                    (x, weight, bias))
 
 
-def test_paper_cnn_fused_path_equals_plain_path_and_works_under_torch_func():
+def test_the_fast_path_is_the_default_from_a_size_on():
+    weight, bias = torch.ones(32), torch.zeros(32)
+    small = torch.randn(1, 32, 34, 34)  # 36,992 elements: the general path, NCHW out
+    large = torch.randn(2, 32, 34, 34)  # 73,984: the channels-last fast path
+    assert small.numel() < FAST_MIN_ELEMENTS <= large.numel()
+    out_small, out_large = (group_norm_relu_maxpool(x, 32, weight, bias) for x in (small, large))
+    assert out_small.is_contiguous() and not out_large.is_contiguous()
+    assert out_large.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("batch", [1, 8])  # NCHW with the general path; channels-last with the fast path
+def test_paper_cnn_fused_path_equals_plain_path_and_works_under_torch_func(batch):
     model = FlatModel(build_module({"name": "cnn", "dropout": 0.0}, (3, 32, 32), 10))
     gen = torch.Generator().manual_seed(2)
-    X, y = torch.randn(8, 3, 32, 32, generator=gen), torch.randint(0, 10, (8,), generator=gen)
+    X, y = torch.randn(batch, 3, 32, 32, generator=gen), torch.randint(0, 10, (batch,), generator=gen)
     for dtype, tol in ((torch.float64, 1e-13), (torch.float32, 1e-5)):
         model.module.to(dtype)
         w = model.initial_vector(0).to(dtype)

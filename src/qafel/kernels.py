@@ -172,14 +172,23 @@ def conv2d_constant_input(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     return _CONV[0 if _functorch_active() else 1].apply(x, weight, bias, padding)
 
 
+FAST_MIN_ELEMENTS = 1 << 16
+"""Inputs smaller than this take the general path by default: the fast path's extra small ops cost more than
+they save below ~65k elements (measured per block here: at batch 2 of 32x30x30 the general path took 407 us
+and the fast one 454 us forward and backward; at batch 32, 3.9 ms and 2.5 ms)."""
+
+
 def group_norm_relu_maxpool(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor,
-                            eps: float = 1e-5) -> torch.Tensor:
+                            eps: float = 1e-5, fast: bool | None = None) -> torch.Tensor:
     """``max_pool2d(relu(group_norm(x, groups, weight, bias, eps)), 2)`` for ``x`` of shape (N, C, H, W).
 
-    Per-channel norms with positive weights take the channels-last fast path (output channels-last);
-    everything else the general path (output contiguous).
+    With ``fast`` (default: at least ``FAST_MIN_ELEMENTS`` elements), per-channel norms with positive weights
+    take the channels-last fast path (output channels-last); everything else the general path (output
+    contiguous).
     """
+    if fast is None:
+        fast = x.numel() >= FAST_MIN_ELEMENTS
     variant = 0 if _functorch_active() else 1
-    if groups == x.shape[1] and bool((weight > 0).all()):
+    if fast and groups == x.shape[1] and bool((weight > 0).all()):
         return _CHANNEL[variant].apply(x.contiguous(memory_format=torch.channels_last), weight, bias, eps)[0]
     return _GROUP[variant].apply(x.contiguous(), weight, bias, groups, eps)[0]

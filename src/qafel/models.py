@@ -13,7 +13,7 @@ from torch import nn
 from torch.func import functional_call
 
 from qafel.errors import ConfigError
-from qafel.kernels import conv2d_constant_input, group_norm_relu_maxpool
+from qafel.kernels import FAST_MIN_ELEMENTS, conv2d_constant_input, group_norm_relu_maxpool
 
 MODEL_NAMES = ("logreg", "mlp", "cnn", "resnet18", "char_lstm")
 
@@ -50,17 +50,21 @@ class PaperCNN(nn.Module):
         """The forward pass with parameters taken from ``p`` (names as in ``named_parameters``)."""
         n_norms = len(self.norms)
         fused = self.fused_cpu and x.device.type == "cpu" and x.dim() == 4 and not _vmapped(x, *p.values())
-        if fused:  # the fused kernels and the convolutions run in channels-last layout
+        # large batches run channels-last with the fused kernels' fast path; small ones (where its extra small
+        # ops cost more than they save) stay NCHW on the general path
+        first_block = x.shape[0] * self.convs[0].out_channels * (x.shape[-2] + 2) * (x.shape[-1] + 2)
+        channels_last = fused and first_block >= FAST_MIN_ELEMENTS
+        if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         for i in range(len(self.convs)):
-            if fused and not x.requires_grad:  # the first layer, on data
+            if channels_last and not x.requires_grad:  # the first layer, on data
                 x = conv2d_constant_input(x, p[f"convs.{i}.weight"], p[f"convs.{i}.bias"], 2)
             else:
                 x = F.conv2d(x, p[f"convs.{i}.weight"], p[f"convs.{i}.bias"], padding=2)
             norm = self.norms[i % n_norms]
             weight, bias = p[f"norms.{i % n_norms}.weight"], p[f"norms.{i % n_norms}.bias"]
             if fused:
-                x = group_norm_relu_maxpool(x, norm.num_groups, weight, bias, norm.eps)
+                x = group_norm_relu_maxpool(x, norm.num_groups, weight, bias, norm.eps, fast=channels_last)
             else:
                 x = F.max_pool2d(F.relu(F.group_norm(x, norm.num_groups, weight, bias, norm.eps)), 2)
         x = F.dropout(torch.flatten(x, -3), self.dropout.p, self.training)
