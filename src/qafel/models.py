@@ -52,8 +52,8 @@ class PaperCNN(nn.Module):
         fused = self.fused_cpu and x.device.type == "cpu" and x.dim() == 4 and not _vmapped(x, *p.values())
         # large batches run channels-last with the fused kernels' fast path; small ones (where its extra small
         # ops cost more than they save) stay NCHW on the general path
-        first_block = x.shape[0] * self.convs[0].out_channels * (x.shape[-2] + 2) * (x.shape[-1] + 2)
-        channels_last = fused and first_block >= FAST_MIN_ELEMENTS
+        channels_last = fused and (x.shape[0] * self.convs[0].out_channels * (x.shape[-2] + 2) * (x.shape[-1] + 2)
+                                   >= FAST_MIN_ELEMENTS)  # the first block's size
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         for i in range(len(self.convs)):
