@@ -7,10 +7,15 @@ vmapped per-job convolutions become slow grouped convolutions and the engine tra
 fused GroupNorm/ReLU/max-pool kernels. The vmap trainer's and qafel's own loop's throughputs are printed too.
 Usage:
 
-    python benchmarks/bench_clients.py [--jobs N] [--repeat R] [--device cpu|cuda] [--json] [--e2e] [--memory]
+    python benchmarks/bench_clients.py [--jobs N] [--repeat R] [--device cpu|cuda] [--threads T] [--json]
+                                       [--one-core-only] [--e2e] [--memory]
 
 Each side is timed in R interleaved rounds (default 5) over the same jobs and the median round is reported;
-``--json`` also lists every round's seconds (``loop_round_s``, ``qafel_round_s``).
+``--json`` also lists every round's seconds (``loop_round_s``, ``qafel_round_s``). The main comparison pins
+both sides to ``--threads`` torch threads (default 1: one core each). On a CPU a second comparison then gives
+each side the whole machine as it runs by default: the FLSim loop with torch's default intra-op threads (or one,
+if that is faster), qafel with ``run.job_threads=null``, i.e. the per-job trainer's jobs side by side in one
+thread per core; its updates must equal the one-core ones bit for bit (``*_all_cores`` keys in the JSON).
 
 ``--e2e`` also times ``python run.py experiment=paper_logreg`` end to end (10,000 server steps) in-process;
 ``--memory`` reports peak memory of one batched call over 1,000 concurrent CNN clients.
@@ -38,7 +43,9 @@ from qafel.api import choose_trainer, make_trainer  # noqa: E402
 from qafel.clients import BatchedTrainer, ClientTrainer, LocalTraining, job_seed  # noqa: E402
 from qafel.data import FederatedData, build_dataset  # noqa: E402
 from qafel.models import FlatModel, build_module  # noqa: E402
-from qafel.system import tune_malloc  # noqa: E402
+from qafel.system import available_cores, tune_malloc  # noqa: E402
+
+DEFAULT_THREADS = torch.get_num_threads()  # torch's default intra-op threads, before main() sets --threads
 
 
 def data_root() -> str:
@@ -100,10 +107,16 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def bench(name, model, data, local, n_jobs: int, device: str, repeat: int = 5) -> dict:
+def bench(name, model, data, local, n_jobs: int, device: str, repeat: int = 5, all_cores: bool = True) -> dict:
     """Times the FLSim-style loop and qafel's trainer on the same jobs in ``repeat`` interleaved rounds (loop,
     then qafel, then loop...) and reports the median round of each, so a burst of load on a shared machine
-    hits both sides alike and one slow round does not decide the ratio."""
+    hits both sides alike and one slow round does not decide the ratio.
+
+    First both sides get the process's torch threads (``--threads``, default one core each). Then, with
+    ``all_cores`` on a CPU, each side gets the whole machine as it would by default: the loop torch's default
+    intra-op threads (its better of that and one thread counts), qafel ``run.threads=1`` with
+    ``run.job_threads=null`` (one job thread per core; only the per-job trainer uses them).
+    """
     model.module.to(device)
     gen = torch.Generator().manual_seed(0)
     x0 = model.initial_vector(0).to(device)
@@ -139,13 +152,52 @@ def bench(name, model, data, local, n_jobs: int, device: str, repeat: int = 5) -
     scale = float(ref.abs().max())
     rel = float(torch.linalg.vector_norm(got - ref) / torch.linalg.vector_norm(ref))
     rel_vmap = float(torch.linalg.vector_norm(vmapped - ref) / torch.linalg.vector_norm(ref))
-    return {"workload": name, "device": device, "threads": torch.get_num_threads(), "jobs": n_jobs,
-            "parameters": model.d, "qafel_trainer": chosen, "loop_updates_per_s": n_jobs / t_loop,
-            "batched_updates_per_s": n_jobs / t_qafel, "speedup": t_loop / t_qafel, "repeat": repeat,
-            "loop_round_s": loop_times, "qafel_round_s": qafel_times,
-            "vmap_updates_per_s": n_jobs / t_vmap, "qafel_loop_updates_per_s": n_jobs / t_ours_loop,
-            "max_abs_diff": diff, "max_abs_update": scale, "relative_error": rel, "vmap_relative_error": rel_vmap,
-            **float64_agreement(model, data, local, starts, clients, seeds)}
+    row = {"workload": name, "device": device, "threads": torch.get_num_threads(), "jobs": n_jobs,
+           "parameters": model.d, "qafel_trainer": chosen, "loop_updates_per_s": n_jobs / t_loop,
+           "batched_updates_per_s": n_jobs / t_qafel, "speedup": t_loop / t_qafel, "repeat": repeat,
+           "loop_round_s": loop_times, "qafel_round_s": qafel_times,
+           "vmap_updates_per_s": n_jobs / t_vmap, "qafel_loop_updates_per_s": n_jobs / t_ours_loop,
+           "max_abs_diff": diff, "max_abs_update": scale, "relative_error": rel, "vmap_relative_error": rel_vmap,
+           **float64_agreement(model, data, local, starts, clients, seeds)}
+    if all_cores and device == "cpu":
+        row |= bench_all_cores(model, data, local, starts, clients, seeds, repeat, got, n_jobs / t_loop)
+    return row
+
+
+def bench_all_cores(model, data, local, starts, clients, seeds, repeat: int, one_core_out: torch.Tensor,
+                    loop_one_thread_updates_per_s: float) -> dict:
+    """Both sides on the whole CPU, as each runs by default (see ``bench``); qafel's result must be bit-identical
+    to its one-core result."""
+    one_core_threads = torch.get_num_threads()
+    # run.threads=1 with run.job_threads=null: one job thread per core (used by the per-job trainer only)
+    qafel = make_trainer("auto", model, data, local, torch.device("cpu"), job_threads=available_cores())
+    job_threads = qafel.job_threads
+    loop_times, qafel_times = [], []
+    try:
+        for r in range(repeat + 1):  # round 0 warms the thread pools up
+            torch.set_num_threads(DEFAULT_THREADS)
+            t0 = time.perf_counter()
+            flsim_style_loop(model, data, local, starts, clients, seeds)
+            t_loop = time.perf_counter() - t0
+            torch.set_num_threads(1)
+            t0 = time.perf_counter()
+            out = qafel.train(starts, clients, seeds)
+            t_qafel = time.perf_counter() - t0
+            if r:
+                loop_times.append(t_loop)
+                qafel_times.append(t_qafel)
+    finally:
+        torch.set_num_threads(one_core_threads)
+    n = len(clients)
+    loop_default = n / float(np.median(loop_times))
+    loop_best = max(loop_default, loop_one_thread_updates_per_s)
+    ours = n / float(np.median(qafel_times))
+    return {"cores": available_cores(), "job_threads": job_threads, "loop_default_threads": DEFAULT_THREADS,
+            "loop_default_threads_updates_per_s": loop_default,
+            "loop_all_cores_threads": DEFAULT_THREADS if loop_default >= loop_one_thread_updates_per_s else 1,
+            "loop_all_cores_updates_per_s": loop_best, "batched_all_cores_updates_per_s": ours,
+            "speedup_all_cores": ours / loop_best, "loop_all_cores_round_s": loop_times,
+            "qafel_all_cores_round_s": qafel_times, "all_cores_same_as_one_core": bool(torch.equal(out, one_core_out))}
 
 
 def float64_agreement(model: FlatModel, data: FederatedData, local: LocalTraining, starts: torch.Tensor,
@@ -220,6 +272,8 @@ def main() -> None:
     parser.add_argument("--tf32", action="store_true", help="allow TF32 on CUDA (as run.tf32; off)")
     parser.add_argument("--no-tune-malloc", action="store_true",
                         help="leave glibc's allocator as it is (runs tune it: run.tune_malloc)")
+    parser.add_argument("--one-core-only", action="store_true",
+                        help="skip the whole-machine comparison (each side with its default threads)")
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     parser.add_argument("--e2e", action="store_true", help="also time experiment=paper_logreg end to end")
     parser.add_argument("--memory", action="store_true", help="also measure peak memory, 1,000 CNN clients")
@@ -227,7 +281,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32  # as setup_run does
     tuned = False if args.no_tune_malloc else tune_malloc()  # as setup_run does; both sides share the process
-    rows = [bench(*w, n_jobs=args.jobs, device=args.device, repeat=args.repeat) | {"malloc_tuned": tuned}
+    rows = [bench(*w, n_jobs=args.jobs, device=args.device, repeat=args.repeat, all_cores=not args.one_core_only)
+            | {"malloc_tuned": tuned}
             for w in workloads(args.device) if args.only in w[0]]
     extra = []
     if args.e2e:
@@ -243,6 +298,15 @@ def main() -> None:
         print(f"{r['workload']:34} {r['device']:6} {r['loop_updates_per_s']:16.1f} {r['batched_updates_per_s']:12.1f} "
               f"{r['qafel_trainer']:>8} {r['speedup']:7.2f}x {r['vmap_updates_per_s']:11.1f} "
               f"{str(r['same_updates']):>5}")
+    whole = [r for r in rows if "speedup_all_cores" in r]
+    if whole:
+        print(f"\nwhole machine ({whole[0]['cores']} cores), each side with its default threads:")
+        print(f"{'workload':34} {'FLSim loop upd/s':>16} {'(threads)':>9} {'qafel upd/s':>12} {'job thr.':>8} "
+              f"{'speedup':>8} {'same':>5}")
+        for r in whole:
+            print(f"{r['workload']:34} {r['loop_all_cores_updates_per_s']:16.1f} {r['loop_all_cores_threads']:9d} "
+                  f"{r['batched_all_cores_updates_per_s']:12.1f} {r['job_threads']:8d} {r['speedup_all_cores']:7.2f}x "
+                  f"{str(r['all_cores_same_as_one_core']):>5}")
     for e in extra:
         print(json.dumps(e))
 

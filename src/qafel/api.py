@@ -21,7 +21,7 @@ from qafel.errors import ConfigError
 from qafel.models import FlatModel, build_module
 from qafel.optimum import objective, solve_optimum
 from qafel.quantizers import Quantizer, build_quantizer
-from qafel.system import tune_malloc
+from qafel.system import auto_job_threads, job_pool, tune_malloc
 from qafel.timing import Schedule
 from qafel.tracking import RunRecorder, make_tracker
 
@@ -45,21 +45,38 @@ def local_training(cfg: DictConfig) -> LocalTraining:
 
 
 class Evaluator:
-    """Test accuracy and loss of a flat model; f(x) − f* on the training objective when f* is known."""
+    """Test accuracy and loss of a flat model; f(x) − f* on the training objective when f* is known.
 
-    def __init__(self, model: FlatModel, data: FederatedData, optimum: float | None, chunk: int = 4096) -> None:
-        self.model, self.data, self.optimum, self.chunk = model, data, optimum, chunk
+    The test set goes through the model in chunks of ``chunk`` samples (256: a CNN's activations for larger
+    chunks outgrow the allocator's reuse threshold and are page-faulted in again on every evaluation, 2.3x
+    slower measured for 2,000 Fashion-MNIST images); with ``threads`` > 1 the chunks run side by side in the
+    job threads. Chunk results are summed in order, so the figures do not depend on ``threads``.
+    """
+
+    def __init__(self, model: FlatModel, data: FederatedData, optimum: float | None, chunk: int = 256,
+                 threads: int = 1) -> None:
+        self.model, self.data, self.optimum, self.chunk, self.threads = model, data, optimum, chunk, threads
         self._X64 = data.X.double() if optimum is not None else None
+
+    def _chunk(self, x: torch.Tensor, start: int) -> tuple[float, int]:
+        """(summed loss, correct predictions) on test samples ``start`` .. ``start + chunk``."""
+        Xb, yb = self.data.X_test[start:start + self.chunk], self.data.y_test[start:start + self.chunk]
+        with torch.no_grad():
+            out = self.model.logits(x, Xb)
+            return float(self.model.data_loss(out, yb)) * len(yb), int(self.model.correct(out, yb))
 
     def __call__(self, x: torch.Tensor) -> dict[str, float]:
         self.model.module.eval()
-        correct, loss_sum, n = 0, 0.0, len(self.data.y_test)
-        with torch.no_grad():
-            for i in range(0, n, self.chunk):
-                Xb, yb = self.data.X_test[i:i + self.chunk], self.data.y_test[i:i + self.chunk]
-                out = self.model.logits(x, Xb)
-                loss_sum += float(self.model.data_loss(out, yb)) * len(yb)
-                correct += int(self.model.correct(out, yb))
+        n = len(self.data.y_test)
+        starts = range(0, n, self.chunk)
+        if self.threads > 1 and len(starts) > 1:
+            parts = list(job_pool(self.threads, torch.get_num_threads()).map(lambda i: self._chunk(x, i), starts))
+        else:
+            parts = [self._chunk(x, i) for i in starts]
+        loss_sum, correct = 0.0, 0
+        for part_loss, part_correct in parts:
+            loss_sum += part_loss
+            correct += part_correct
         out: dict[str, float] = {"accuracy": correct / n, "loss": loss_sum / n}
         if self.optimum is not None:
             f = objective(self.model, x, self._X64, self.data.y)
@@ -106,7 +123,8 @@ def setup_run(cfg: DictConfig | dict) -> RunSetup:
     x0 = model.initial_vector(cfg.seed, cfg.model.init).to(device)
     want_optimum = cfg.run.compute_optimum if cfg.run.compute_optimum is not None else cfg.model.name == "logreg"
     f_star = solve_optimum(model, data.X, data.y)[0] if want_optimum else None
-    return RunSetup(cfg, data, model, qc, qs, schedule, Evaluator(model, data, f_star), x0, f_star)
+    threads = 1 if device.type != "cpu" else cfg.run.job_threads or auto_job_threads()
+    return RunSetup(cfg, data, model, qc, qs, schedule, Evaluator(model, data, f_star, threads=threads), x0, f_star)
 
 
 def choose_trainer(choice: str, model: FlatModel, device: torch.device) -> str:
@@ -119,10 +137,13 @@ def choose_trainer(choice: str, model: FlatModel, device: torch.device) -> str:
 
 
 def make_trainer(choice: str, model: FlatModel, data: FederatedData, local: LocalTraining,
-                 device: torch.device) -> ClientTrainer:
-    """The client trainer ``run.trainer`` names (``auto`` as ``choose_trainer`` decides)."""
-    batched = choose_trainer(choice, model, device) == "batched"
-    return (BatchedTrainer if batched else ClientTrainer)(model, data, local)
+                 device: torch.device, job_threads: int | None = None) -> ClientTrainer:
+    """The client trainer ``run.trainer`` names (``auto`` as ``choose_trainer`` decides). The per-job trainer on
+    the CPU trains ``job_threads`` jobs side by side (``run.job_threads``; None: ``system.auto_job_threads``)."""
+    if choose_trainer(choice, model, device) == "batched":
+        return BatchedTrainer(model, data, local)
+    threads = 1 if device.type != "cpu" else job_threads or auto_job_threads()
+    return ClientTrainer(model, data, local, job_threads=threads)
 
 
 def make_engine(s: RunSetup, on_eval: Callable[[dict[str, Any]], None] | None = None,
@@ -136,7 +157,8 @@ def make_engine(s: RunSetup, on_eval: Callable[[dict[str, Any]], None] | None = 
         max_staleness=cfg.server.max_staleness, codec=cfg.run.codec,
         hidden_state_replicas=cfg.algorithm.hidden_state_replicas, client_batch=cfg.run.client_batch,
         target_accuracy=cfg.run.target_accuracy, checkpoint_every=cfg.run.checkpoint_every)
-    trainer = make_trainer(cfg.run.trainer, s.model, s.data, local_training(cfg), s.x0.device)
+    trainer = make_trainer(cfg.run.trainer, s.model, s.data, local_training(cfg), s.x0.device,
+                           cfg.run.job_threads)
     return Engine(settings, x0=s.x0, trainer=trainer,
                   client_quantizer=s.client_quantizer, server_quantizer=s.server_quantizer,
                   optimizer=ServerOptimizer(cfg.server, s.model.d, s.x0.device),

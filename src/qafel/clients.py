@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -10,7 +11,8 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
 from qafel.data.federated import FederatedData
-from qafel.models import FlatModel
+from qafel.models import FlatModel, dropout_generator
+from qafel.system import job_pool
 
 _MASK64 = (1 << 64) - 1
 
@@ -65,30 +67,46 @@ class LocalTraining:
 
 
 class ClientTrainer:
-    """Runs client jobs one by one: y₀ → P local SGD steps → Δ = y₀ − y_P."""
+    """Runs client jobs one by one: y₀ → P local SGD steps → Δ = y₀ − y_P.
 
-    def __init__(self, model: FlatModel, data: FederatedData, local: LocalTraining) -> None:
+    With ``job_threads`` > 1, the jobs of one ``train`` call run side by side in that many threads (PyTorch
+    releases the GIL inside its operators, so compute-bound jobs such as the CNN's scale with cores). A job's
+    result depends only on its start model, client and seed, so it is bit-identical either way.
+    """
+
+    def __init__(self, model: FlatModel, data: FederatedData, local: LocalTraining, job_threads: int = 1) -> None:
+        if job_threads < 1:
+            raise ValueError(f"job_threads must be at least 1, got {job_threads}")
         self.model = model
         self.data = data
         self.local = local
+        self.job_threads = job_threads
 
     def train_one(self, start: torch.Tensor, client: int, seed: int) -> torch.Tensor:
         """Δ for one job of ``client`` from start model ``start`` with the job's seed."""
         X, y = self.data.client(client)
         generator = torch.Generator().manual_seed(seed)
+        masks: contextlib.AbstractContextManager = contextlib.nullcontext()
         if self.model.has_dropout:
-            torch.manual_seed(seed)  # dropout draws from the global generator: pin it per job
+            if X.device.type == "cpu":  # the job's own generator: jobs may run in parallel threads
+                masks = dropout_generator(torch.Generator().manual_seed(seed))
+            else:
+                torch.manual_seed(seed)  # CUDA dropout draws from the global generator: pin it per job
         self.model.module.train()
         w = start
-        for idx in self.local.batches(len(y), generator):
-            Xb, yb = (X, y) if idx is None else (X[idx.to(X.device)], y[idx.to(X.device)])
-            leaf = w.detach().requires_grad_(True)
-            (g,) = torch.autograd.grad(self.model.loss(leaf, Xb, yb), leaf)
-            w = w - self.local.lr * g
+        with masks:
+            for idx in self.local.batches(len(y), generator):
+                Xb, yb = (X, y) if idx is None else (X[idx.to(X.device)], y[idx.to(X.device)])
+                leaf = w.detach().requires_grad_(True)
+                (g,) = torch.autograd.grad(self.model.loss(leaf, Xb, yb), leaf)
+                w = w - self.local.lr * g
         return start - w
 
     def train(self, starts: torch.Tensor, clients: list[int], seeds: list[int]) -> torch.Tensor:
         """Δ for a batch of jobs: row j starts from ``starts[j]`` on ``clients[j]`` with ``seeds[j]``."""
+        if self.job_threads > 1 and len(clients) > 1:
+            pool = job_pool(self.job_threads, torch.get_num_threads())
+            return torch.stack(list(pool.map(self.train_one, starts.unbind(0), clients, seeds)))
         return torch.stack([self.train_one(starts[j], clients[j], seeds[j]) for j in range(len(clients))])
 
 
@@ -105,7 +123,7 @@ class BatchedTrainer(ClientTrainer):
     """
 
     def __init__(self, model: FlatModel, data: FederatedData, local: LocalTraining) -> None:
-        super().__init__(model, data, local)
+        super().__init__(model, data, local)  # one thread: vmap already computes the jobs together
         from torch.func import grad, vmap
 
         self._full: dict[int, torch.Tensor] = {}

@@ -133,6 +133,7 @@ class RunConfig:
     codec: str = "simulated"
     client_batch: int = 256
     threads: int | None = 1  # torch CPU threads (null: torch's default); 1 is fastest for small models
+    job_threads: int | None = None  # per-job trainer on the CPU: jobs trained side by side (null: one per core)
     checkpoint_every: int = 1000  # server steps between checkpoints (0: only at the end)
     trainer: str = "auto"  # auto | batched (torch.func.vmap over jobs) | loop (one job at a time, the reference)
     compute_optimum: bool | None = None  # None: only for convex models (logreg)
@@ -246,6 +247,8 @@ def _check_ranges(c: DictConfig) -> None:
     _at_least("run.checkpoint_every", c.run.checkpoint_every, 0)
     if c.run.threads is not None:
         _at_least("run.threads", c.run.threads, 1)
+    if c.run.job_threads is not None:
+        _at_least("run.job_threads", c.run.job_threads, 1)
     _one_of("run.codec", c.run.codec, ("simulated", "wire"))
     _one_of("run.trainer", c.run.trainer, ("auto", "batched", "loop"))
     ta = c.run.target_accuracy

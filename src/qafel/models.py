@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
-from collections.abc import Callable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -16,6 +18,34 @@ from qafel.errors import ConfigError
 from qafel.kernels import FAST_MIN_ELEMENTS, conv2d_constant_input, group_norm_relu_maxpool
 
 MODEL_NAMES = ("logreg", "mlp", "cnn", "resnet18", "char_lstm")
+
+
+_dropout_source = threading.local()
+
+
+@contextlib.contextmanager
+def dropout_generator(generator: torch.Generator) -> Iterator[None]:
+    """Within the block, ``dropout`` in this thread draws its masks from ``generator`` (a CPU generator).
+
+    Client jobs trained side by side in threads cannot each seed the global generator; with one generator per
+    job they draw exactly the masks ``torch.manual_seed(seed)`` then ``F.dropout`` would (tests/test_models.py).
+    """
+    previous = getattr(_dropout_source, "generator", None)
+    _dropout_source.generator = generator
+    try:
+        yield
+    finally:
+        _dropout_source.generator = previous
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """``F.dropout``, drawing from the thread's ``dropout_generator`` when one is set (CPU, outside vmap)."""
+    generator = getattr(_dropout_source, "generator", None)
+    if generator is None or not training or not 0.0 < p < 1.0 or x.device.type != "cpu" or _vmapped(x):
+        return F.dropout(x, p, training)
+    noise = torch.empty_like(x).bernoulli_(1.0 - p, generator=generator)  # as ATen's CPU dropout: mask / (1 - p)
+    noise.div_(1.0 - p)
+    return x * noise
 
 
 class PaperCNN(nn.Module):
@@ -67,7 +97,7 @@ class PaperCNN(nn.Module):
                 x = group_norm_relu_maxpool(x, norm.num_groups, weight, bias, norm.eps, fast=channels_last)
             else:
                 x = F.max_pool2d(F.relu(F.group_norm(x, norm.num_groups, weight, bias, norm.eps)), 2)
-        x = F.dropout(torch.flatten(x, -3), self.dropout.p, self.training)
+        x = dropout(torch.flatten(x, -3), self.dropout.p, self.training)
         return F.linear(x, p["fc.weight"], p["fc.bias"])
 
 

@@ -665,7 +665,10 @@ def _worker(plan: SweepPlan, n_trials: int | None, seed_offset: int, threads: in
     if threads:
         import torch
 
+        from qafel.system import set_core_budget
+
         torch.set_num_threads(threads)
+        set_core_budget(threads)  # run.job_threads=null then plans for this worker's share of the cores
     spec = replace(plan.spec, params=plan.params)
     study = optuna.load_study(study_name=plan.study_name, storage=open_storage(plan.storage),
                               sampler=make_sampler(spec, seed_offset), pruner=make_pruner(spec))

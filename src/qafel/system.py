@@ -1,10 +1,16 @@
-"""Process-level settings that make simulation runs faster on Linux (glibc's allocator)."""
+"""Process-level settings that make simulation runs faster: glibc's allocator, the cores a run may use, and the
+thread pool that trains client jobs side by side."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
+import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -34,3 +40,38 @@ def tune_malloc(mmap_threshold: int = 64 * 2**20, trim_threshold: int = 512 * 2*
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     _tuned = bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
     return _tuned
+
+
+_core_budget: int | None = None
+
+
+def set_core_budget(cores: int | None) -> None:
+    """Cap the cores this process's runs plan for (sweep workers share the machine); None: all it may use."""
+    global _core_budget
+    _core_budget = None if cores is None else max(1, int(cores))
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity), capped by ``set_core_budget``."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, _core_budget) if _core_budget else cores)
+
+
+def auto_job_threads() -> int:
+    """``run.job_threads: null``: one job thread per core left after each job's torch intra-op threads."""
+    return max(1, available_cores() // max(1, torch.get_num_threads()))
+
+
+@functools.cache
+def job_pool(threads: int, intra_op_threads: int) -> ThreadPoolExecutor:
+    """A pool of ``threads`` threads for client jobs, each running torch with ``intra_op_threads`` threads.
+
+    Kept for the process (sweeps build many trainers). PyTorch releases the GIL inside its operators, so jobs
+    whose time goes into convolutions run in parallel; each thread sets its own OpenMP thread count, which
+    threads otherwise take from the environment rather than from the caller's ``torch.set_num_threads``.
+    """
+    return ThreadPoolExecutor(threads, thread_name_prefix="qafel-job",
+                              initializer=torch.set_num_threads, initargs=(intra_op_threads,))
