@@ -25,4 +25,11 @@ def test_bench_clients_json_lists_every_workload_with_the_documented_keys():
         assert r["loop_updates_per_s"] > 0 and r["batched_updates_per_s"] > 0
         assert abs(r["speedup"] - r["batched_updates_per_s"] / r["loop_updates_per_s"]) < 1e-9 * r["speedup"]
         assert r["same_updates"] is True, r
+        # the whole-machine comparison: each side with its default threads, qafel's result unchanged
+        assert r["all_cores_same_as_one_core"] is True, r
+        assert len(r["loop_all_cores_round_s"]) == len(r["qafel_all_cores_round_s"]) == 2
+        assert r["loop_all_cores_updates_per_s"] >= r["loop_updates_per_s"]  # the better of its thread counts
+        assert abs(r["speedup_all_cores"] * r["loop_all_cores_updates_per_s"] - r["batched_all_cores_updates_per_s"]) \
+            < 1e-9 * r["batched_all_cores_updates_per_s"]
     assert [r["qafel_trainer"] for r in rows] == ["batched", "batched", "loop"]
+    assert [r["job_threads"] for r in rows] == [1, 1, rows[2]["cores"]]
