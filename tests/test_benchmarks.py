@@ -33,3 +33,15 @@ def test_bench_clients_json_lists_every_workload_with_the_documented_keys():
             < 1e-9 * r["batched_all_cores_updates_per_s"]
     assert [r["qafel_trainer"] for r in rows] == ["batched", "batched", "loop"]
     assert [r["job_threads"] for r in rows] == [1, 1, rows[2]["cores"]]
+
+
+def test_bench_shared_start_json_compares_three_ways_on_the_same_gradients():
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_shared_start.py"), "--jobs", "2", "--batch", "4",
+           "--repeat", "1", "--json"]
+    rows = json.loads(subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True).stdout)
+    assert [r["model"] for r in rows] == ["paper_cnn_32x32", "mlp_64_hidden"]
+    for r in rows:
+        for side in ("shared_weights", "stacked_weights", "one_by_one"):
+            assert r[f"{side}_ms_per_job"] > 0
+            assert r[f"{side}_relative_difference"] < 1e-3, r  # CNN: max-pool near-ties, as in bench_clients
+        assert r["shared_vs_stacked_speedup"] > 0

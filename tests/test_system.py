@@ -1,4 +1,4 @@
-"""run.tune_malloc: glibc keeps freed activation buffers for reuse instead of faulting them in every step."""
+"""qafel.system: glibc keeps freed activation buffers for reuse (run.tune_malloc); the job thread pool."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 SCRIPT = """
 import resource, sys, torch
@@ -35,3 +36,30 @@ def test_tuned_allocator_reuses_freed_buffers_without_page_faults():
     # 10 steps x 30 MiB: by default glibc's adaptive threshold gives 0, 2,560 or 75,200 minor page faults
     # (it depends on the order of earlier frees); tuned, none in 5 of 5 runs here
     assert faults("tuned") < 100
+
+
+def test_map_in_threads_keeps_order_and_cancels_the_rest_on_error():
+    import threading
+    import time
+
+    from qafel.system import job_pool, map_in_threads
+
+    assert map_in_threads(3, lambda a, b: a * b, range(10), range(10)) == [i * i for i in range(10)]
+    assert job_pool(3, torch.get_num_threads()) is job_pool(3, torch.get_num_threads())  # kept for the process
+    ran, lock = [], threading.Lock()
+
+    def job(i):
+        with lock:
+            ran.append(i)
+        if i == 0:
+            raise RuntimeError("job 0 failed")
+        time.sleep(0.05)
+        return i
+
+    with pytest.raises(RuntimeError, match="job 0 failed"):
+        map_in_threads(2, job, range(40))
+    time.sleep(0.3)
+    assert len(ran) < 40  # the calls still queued when job 0 failed never ran
+    seen = []
+    map_in_threads(2, lambda _: seen.append(torch.get_num_threads()), range(4))
+    assert set(seen) == {torch.get_num_threads()}  # pool threads use the caller's torch thread count

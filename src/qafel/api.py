@@ -21,7 +21,7 @@ from qafel.errors import ConfigError
 from qafel.models import FlatModel, build_module
 from qafel.optimum import objective, solve_optimum
 from qafel.quantizers import Quantizer, build_quantizer
-from qafel.system import auto_job_threads, job_pool, tune_malloc
+from qafel.system import auto_job_threads, map_in_threads, tune_malloc
 from qafel.timing import Schedule
 from qafel.tracking import RunRecorder, make_tracker
 
@@ -70,7 +70,7 @@ class Evaluator:
         n = len(self.data.y_test)
         starts = range(0, n, self.chunk)
         if self.threads > 1 and len(starts) > 1:
-            parts = list(job_pool(self.threads, torch.get_num_threads()).map(lambda i: self._chunk(x, i), starts))
+            parts = map_in_threads(self.threads, self._chunk, [x] * len(starts), starts)
         else:
             parts = [self._chunk(x, i) for i in starts]
         loss_sum, correct = 0.0, 0

@@ -12,7 +12,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from qafel.data.federated import FederatedData
 from qafel.models import FlatModel, dropout_generator
-from qafel.system import job_pool
+from qafel.system import map_in_threads
 
 _MASK64 = (1 << 64) - 1
 
@@ -105,8 +105,7 @@ class ClientTrainer:
     def train(self, starts: torch.Tensor, clients: list[int], seeds: list[int]) -> torch.Tensor:
         """Δ for a batch of jobs: row j starts from ``starts[j]`` on ``clients[j]`` with ``seeds[j]``."""
         if self.job_threads > 1 and len(clients) > 1:
-            pool = job_pool(self.job_threads, torch.get_num_threads())
-            return torch.stack(list(pool.map(self.train_one, starts.unbind(0), clients, seeds)))
+            return torch.stack(map_in_threads(self.job_threads, self.train_one, starts.unbind(0), clients, seeds))
         return torch.stack([self.train_one(starts[j], clients[j], seeds[j]) for j in range(len(clients))])
 
 

@@ -8,7 +8,9 @@ import ctypes.util
 import functools
 import os
 import sys
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import torch
 
@@ -42,6 +44,7 @@ def tune_malloc(mmap_threshold: int = 64 * 2**20, trim_threshold: int = 512 * 2*
     return _tuned
 
 
+T = TypeVar("T")
 _core_budget: int | None = None
 
 
@@ -65,13 +68,33 @@ def auto_job_threads() -> int:
     return max(1, available_cores() // max(1, torch.get_num_threads()))
 
 
-@functools.cache
 def job_pool(threads: int, intra_op_threads: int) -> ThreadPoolExecutor:
     """A pool of ``threads`` threads for client jobs, each running torch with ``intra_op_threads`` threads.
 
-    Kept for the process (sweeps build many trainers). PyTorch releases the GIL inside its operators, so jobs
-    whose time goes into convolutions run in parallel; each thread sets its own OpenMP thread count, which
-    threads otherwise take from the environment rather than from the caller's ``torch.set_num_threads``.
+    Kept for the process (sweeps build many trainers; a forked child gets its own). PyTorch releases the GIL
+    inside its operators, so jobs whose time goes into convolutions run in parallel; each thread sets its own
+    OpenMP thread count, which threads otherwise take from the environment rather than from the caller's
+    ``torch.set_num_threads``.
     """
+    return _job_pool(os.getpid(), threads, intra_op_threads)
+
+
+@functools.cache
+def _job_pool(pid: int, threads: int, intra_op_threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(threads, thread_name_prefix="qafel-job",
                               initializer=torch.set_num_threads, initargs=(intra_op_threads,))
+
+
+def map_in_threads(threads: int, fn: Callable[..., T], *iterables: Iterable[Any]) -> list[T]:
+    """``[fn(*args) ...]`` computed by ``job_pool(threads, <this thread's torch threads>)``, in order.
+
+    If a call fails (or the caller is interrupted), the calls not yet started are cancelled instead of being
+    left to run in the background, and the first error is raised.
+    """
+    pool = job_pool(threads, torch.get_num_threads())
+    futures = [pool.submit(fn, *args) for args in zip(*iterables, strict=True)]
+    try:
+        return [f.result() for f in futures]
+    finally:
+        for f in futures:
+            f.cancel()
