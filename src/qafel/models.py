@@ -28,7 +28,7 @@ def dropout_generator(generator: torch.Generator) -> Iterator[None]:
     """Within the block, ``dropout`` in this thread draws its masks from ``generator`` (a CPU generator).
 
     Client jobs trained side by side in threads cannot each seed the global generator; with one generator per
-    job they draw exactly the masks ``torch.manual_seed(seed)`` then ``F.dropout`` would (tests/test_models.py).
+    job they draw exactly the masks ``torch.manual_seed(seed)`` then ``F.dropout`` would (tests/test_clients.py).
     """
     previous = getattr(_dropout_source, "generator", None)
     _dropout_source.generator = generator
