@@ -21,7 +21,7 @@ from qafel.errors import ConfigError
 from qafel.models import FlatModel, build_module
 from qafel.optimum import objective, solve_optimum
 from qafel.quantizers import Quantizer, build_quantizer
-from qafel.system import auto_job_threads, map_in_threads, tune_malloc
+from qafel.system import map_in_threads, resolve_job_threads, tune_malloc
 from qafel.timing import Schedule
 from qafel.tracking import RunRecorder, make_tracker
 
@@ -123,8 +123,8 @@ def setup_run(cfg: DictConfig | dict) -> RunSetup:
     x0 = model.initial_vector(cfg.seed, cfg.model.init).to(device)
     want_optimum = cfg.run.compute_optimum if cfg.run.compute_optimum is not None else cfg.model.name == "logreg"
     f_star = solve_optimum(model, data.X, data.y)[0] if want_optimum else None
-    threads = 1 if device.type != "cpu" else cfg.run.job_threads or auto_job_threads()
-    return RunSetup(cfg, data, model, qc, qs, schedule, Evaluator(model, data, f_star, threads=threads), x0, f_star)
+    evaluator = Evaluator(model, data, f_star, threads=resolve_job_threads(cfg.run.job_threads, device))
+    return RunSetup(cfg, data, model, qc, qs, schedule, evaluator, x0, f_star)
 
 
 def choose_trainer(choice: str, model: FlatModel, device: torch.device) -> str:
@@ -139,11 +139,10 @@ def choose_trainer(choice: str, model: FlatModel, device: torch.device) -> str:
 def make_trainer(choice: str, model: FlatModel, data: FederatedData, local: LocalTraining,
                  device: torch.device, job_threads: int | None = None) -> ClientTrainer:
     """The client trainer ``run.trainer`` names (``auto`` as ``choose_trainer`` decides). The per-job trainer on
-    the CPU trains ``job_threads`` jobs side by side (``run.job_threads``; None: ``system.auto_job_threads``)."""
+    the CPU trains ``job_threads`` jobs side by side (``run.job_threads``; see ``system.resolve_job_threads``)."""
     if choose_trainer(choice, model, device) == "batched":
         return BatchedTrainer(model, data, local)
-    threads = 1 if device.type != "cpu" else job_threads or auto_job_threads()
-    return ClientTrainer(model, data, local, job_threads=threads)
+    return ClientTrainer(model, data, local, job_threads=resolve_job_threads(job_threads, device))
 
 
 def make_engine(s: RunSetup, on_eval: Callable[[dict[str, Any]], None] | None = None,

@@ -68,6 +68,11 @@ def auto_job_threads() -> int:
     return max(1, available_cores() // max(1, torch.get_num_threads()))
 
 
+def resolve_job_threads(requested: int | None, device: torch.device) -> int:
+    """The job threads a run on ``device`` uses: ``requested`` (None: ``auto_job_threads``) on the CPU, else 1."""
+    return 1 if device.type != "cpu" else requested or auto_job_threads()
+
+
 def job_pool(threads: int, intra_op_threads: int) -> ThreadPoolExecutor:
     """A pool of ``threads`` threads for client jobs, each running torch with ``intra_op_threads`` threads.
 
