@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from qafel.api import format_summary, run_experiment
 from qafel.checkpoint import find_resume_dir
+from qafel.compose import hydra_group_default, settle_spellings
 from qafel.errors import ConfigError, DataFileError
 
 EXIT_BAD_INPUT = 2
@@ -28,8 +29,10 @@ EXIT_DIVERGED = 3
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     """Run the composed config; the return value (final accuracy) is what Hydra sweepers read."""
-    output_dir = Path(cfg.paths.output_dir or HydraConfig.get().runtime.output_dir)
+    hc = HydraConfig.get()
+    output_dir = Path(cfg.paths.output_dir or hc.runtime.output_dir)
     try:
+        settle_spellings(cfg, list(hc.overrides.task), hydra_group_default(hc.runtime.choices, hydra.compose))
         resume = cfg.get("resume")
         if resume not in (None, False):
             from qafel.config import validate

@@ -17,7 +17,8 @@ from conftest import compose_cfg  # noqa: E402
 
 from qafel.api import run_experiment  # noqa: E402
 
-cfg = compose_cfg("experiment=paper_cifar10_concurrency", "dataset=synthetic_images", "timing.rate=1253",
+cfg = compose_cfg("experiment=paper_cifar10_concurrency", "dataset=synthetic_cifar10", "dataset.num_samples=12000",
+                  "dataset.test_fraction=0.2", "timing.rate=1253",
                   "tracking=none", "run.progress=false", "run.server_steps=300", "run.eval_every=300", *sys.argv[1:])
 t = time.time()
 s = run_experiment(cfg, tempfile.mkdtemp())

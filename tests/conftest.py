@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+
+from qafel.compose import compose
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -34,10 +34,8 @@ def need_data_file(name: str) -> Path:
 
 
 def compose_cfg(*overrides: str):
-    """Compose conf/config.yaml with Hydra's compose API and these overrides."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+    """Compose conf/config.yaml with these overrides as run.py does (qafel.compose: two-spelling settings settled)."""
+    return compose(list(overrides), CONF)
 
 
 FAST = ("tracking=none", "run.progress=false")

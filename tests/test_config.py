@@ -81,7 +81,7 @@ def test_missing_data_file_names_the_path(tmp_path):
     assert "\n" not in message
 
 
-def test_levels_take_precedence_over_bits():
+def test_levels_on_the_command_line_win_over_the_groups_bits():
     s = setup_run(compose_cfg(*FAST, "client_quantizer=qsgd", "client_quantizer.levels=4",
                               "run.server_steps=1"))
     assert s.client_quantizer.s == 4

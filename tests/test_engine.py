@@ -3,6 +3,7 @@ the asynchronous system's statistics, sequential SGD, determinism."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 from conftest import FAST, compose_cfg
 
 from qafel.algorithms import ServerOptimizer, StalenessWeight
-from qafel.api import make_engine, setup_run, timing_options
+from qafel.api import make_engine, run_experiment, setup_run, timing_options
 from qafel.timing import Schedule
 
 SMALL = ("dataset.num_clients=20", "run.server_steps=30", "run.eval_every=10", "timing.rate=10",
@@ -103,10 +104,11 @@ def test_schedule_statistics_hold_inside_the_engine():
     assert s["mean_staleness"] == pytest.approx(expected / 5, rel=0.12)
 
 
-def test_fedbuff_with_k1_and_one_job_in_flight_is_sequential_sgd():
+def _one_job_in_flight(restart_model: str):
+    """FedBuff, K = 1, one job in flight: the engine's final model, x0, and the clients in arrival order."""
     overrides = ("model=logreg", "algorithm=fedbuff", "algorithm.buffer_size=1", "timing=closed_loop",
-                 "timing.concurrency=1", "timing.restart=random_idle", "client.local_steps=1",
-                 "client.batch_size=full", "client.lr=0.5",
+                 "timing.concurrency=1", "timing.restart=random_idle", f"timing.restart_model={restart_model}",
+                 "client.local_steps=1", "client.batch_size=full", "client.lr=0.5",
                  "server.lr=1.0", "server.reduction=sum", "run.server_steps=40", "run.eval_every=40",
                  "dataset.num_clients=10")
     s = setup_run(compose_cfg(*FAST, *overrides))
@@ -118,14 +120,32 @@ def test_fedbuff_with_k1_and_one_job_in_flight_is_sequential_sgd():
             break
     engine = make_engine(s)
     engine.run()
-    x = s.x0.clone()
-    for c in clients:
+    assert len(set(clients)) > 1
+
+    def step(x, c):
         X, y = s.data.client(c)
         w = x.clone().requires_grad_(True)
         (g,) = torch.autograd.grad(s.model.loss(w, X, y), w)
-        x = x - 0.5 * g
-    assert len(set(clients)) > 1
-    torch.testing.assert_close(engine.x, x, rtol=1e-5, atol=1e-6)
+        return 0.5 * g
+
+    return engine.x, s.x0.clone(), clients, step
+
+
+def test_fedbuff_with_k1_and_one_job_in_flight_is_sequential_sgd():
+    got, x, clients, step = _one_job_in_flight("after_step")
+    for c in clients:
+        x = x - step(x, c)
+    torch.testing.assert_close(got, x, rtol=1e-5, atol=1e-6)
+
+
+def test_restarting_before_the_step_is_sgd_with_one_step_of_delay():
+    """The authors' LR code: a client restarts from the model before the server step its own update completes,
+    so with K = 1 and one job in flight each update is the gradient at the model one step old."""
+    got, x, clients, step = _one_job_in_flight("before_step")
+    previous = x.clone()
+    for c in clients:
+        x, previous = x - step(previous, c), x
+    torch.testing.assert_close(got, x, rtol=1e-5, atol=1e-6)
 
 
 def test_same_seed_same_run_and_different_seed_different_run():
@@ -177,3 +197,16 @@ def test_uploads_to_target_is_k_times_server_steps_at_first_hit():
     assert s["uploads_to_target"] == 10 * first["server_step"]
     assert s["bytes_up_at_target"] == first["bytes_up"]
     assert np.isfinite(s["final_loss"])
+
+
+def test_with_max_staleness_uploads_and_bytes_at_target_count_the_same_uploads(tmp_path):
+    """Dropped stale uploads were sent: uploads_to_target counts them, as bytes_up_at_target does."""
+    s = run_experiment(compose_cfg(*FAST, "server.max_staleness=0", "timing.rate=40", "run.target_accuracy=0.5",
+                                   "run.server_steps=60", "run.eval_every=5"), tmp_path)
+    assert s["dropped_updates"] > 0 and s["uploads_to_target"] is not None
+    hit = next(r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+               if r["accuracy"] >= 0.5)
+    assert s["uploads_to_target"] == hit["uploads"] > 10 * hit["server_step"]  # more than K x steps: drops included
+    assert s["bytes_up_at_target"] == s["uploads_to_target"] * s["message_bytes_up"]  # fixed-size QSGD uploads
+    from qafel.report import uploads_to_target
+    assert uploads_to_target([hit], 10, 0.5).uploads == s["uploads_to_target"]  # the report reads them alike

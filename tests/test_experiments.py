@@ -58,10 +58,26 @@ def test_paper_settings(experiment):
     if dataset in ("cifar10", "fashion_mnist"):
         assert (c.dataset.partition, c.dataset.alpha, c.dataset.num_clients, c.client.batch_size) == \
             ("power_law", 0.1, 5000, 10)
+    assert c.timing.arrival == "constant"  # FLSim's constant training-start distribution, as the authors ran it
     if experiment == "paper_cifar10_concurrency":
         assert c.timing.rate == 125 and c.server.staleness.weight == "polynomial" and c.server.staleness.normalize
     else:
         assert c.timing.rate == 100
+    poisson = validate(compose_cfg(f"experiment={experiment}", "timing.arrival=poisson")).timing
+    assert (poisson.arrival, poisson.rate) == ("poisson", c.timing.rate)  # Poisson stays selectable
+
+
+# The authors' budgets (TomasOrtega/FLSim paper_experiments configs: trainer.epochs = passes over the users) and
+# the paper's uploads to target (CelebA: FedBuff 26,057; 2-bit clients up to 3.5x that).
+@pytest.mark.parametrize("experiment, users, passes, paper_uploads", [
+    ("paper_celeba", 7474, 20, 3.5 * 26_057), ("paper_cifar10", 5000, 50, None),
+    ("paper_cifar10_concurrency", 5000, 100, None)])
+def test_paper_budgets_are_at_least_the_authors(experiment, users, passes, paper_uploads):
+    c = validate(compose_cfg(f"experiment={experiment}"))
+    uploads = c.run.server_steps * c.algorithm.buffer_size
+    assert uploads >= passes * users - c.algorithm.buffer_size
+    if paper_uploads is not None:
+        assert uploads >= paper_uploads  # every cell of the paper's grid can reach its target
 
 
 def run(tmp_path, experiment: str, *overrides: str) -> dict:

@@ -32,7 +32,8 @@ CONFIGS: list[dict] = (
     + [{"name": "minmax", "bits": b, "weights_only": wo} for b in (2, 4, 8) for wo in (True, False)]
     + [{"name": "minmax", "bits": 1}, {"name": "minmax", "bits": 16, "weights_only": False}]
     + [{"name": "topk", "fraction": 0.01}, {"name": "topk", "fraction": 0.5}, {"name": "topk", "k": 6},
-       {"name": "randk", "fraction": 0.1}, {"name": "randk", "k": 3}]
+       {"name": "randk", "fraction": 0.1}, {"name": "randk", "k": 3},
+       {"name": "topk", "fraction": 1.0}, {"name": "topk", "fraction": 0.97}]
     + [{"name": "sign"}, {"name": "sign", "bucket": "tensor"}, {"name": "sign", "bucket": "fixed", "bucket_size": 64}]
     + [{"name": "fp16"}, {"name": "bf16"}]
 )
@@ -135,7 +136,7 @@ def expected_nbytes(cfg: dict, layout: list, v: torch.Tensor, value: torch.Tenso
         return 4 * len(sizes) + math.ceil(d / 8)
     if name in ("topk", "randk"):
         k = cfg["k"] if cfg.get("k") is not None else int(cfg["fraction"] * d)
-        return 4 * k + min(4 * k, math.ceil(d / 8))
+        return min(4 * k + min(4 * k, math.ceil(d / 8)), 4 * d)
     if name == "minmax":
         b = cfg["bits"]
         wo = cfg.get("weights_only", True)
@@ -166,6 +167,19 @@ def test_payload_size_formula(cfg: dict) -> None:
     value, nbytes = q.quantize(v, gen(3))
     assert nbytes == expected_nbytes(cfg, LAYOUT, v, value)
     assert len(q.encode(v, gen(3))) == nbytes
+
+
+@pytest.mark.parametrize("cfg", [{"name": "topk", "fraction": 1.0}, {"name": "topk", "k": D},
+                                 {"name": "topk", "fraction": 0.97}, {"name": "randk", "fraction": 1.0}], ids=cfg_id)
+def test_sparse_codecs_with_nearly_every_coordinate_cost_no_more_than_identity(cfg: dict) -> None:
+    q = build_quantizer(cfg, LAYOUT)
+    identity = build_quantizer({"name": "identity"}, LAYOUT)
+    v = VECTORS["plain"]
+    assert q.dense and len(q.encode(v, gen(1))) == q.payload_bytes() == identity.payload_bytes() == 4 * D
+    if cfg["name"] == "topk" and q.k == D:  # every coordinate kept: the very vector, as identity sends it
+        assert same_bits(q.decode(q.encode(v)), v)
+    sparse = build_quantizer({"name": "topk", "fraction": 0.5}, LAYOUT)
+    assert not sparse.dense and sparse.payload_bytes() < 4 * D
 
 
 def test_cnn_layout_minmax_size() -> None:

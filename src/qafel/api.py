@@ -155,7 +155,8 @@ def make_engine(s: RunSetup, on_eval: Callable[[dict[str, Any]], None] | None = 
         eval_every=cfg.run.eval_every, seed=cfg.seed, reduction=cfg.server.reduction,
         max_staleness=cfg.server.max_staleness, codec=cfg.run.codec,
         hidden_state_replicas=cfg.algorithm.hidden_state_replicas, client_batch=cfg.run.client_batch,
-        target_accuracy=cfg.run.target_accuracy, checkpoint_every=cfg.run.checkpoint_every)
+        target_accuracy=cfg.run.target_accuracy, checkpoint_every=cfg.run.checkpoint_every,
+        restart_before_step=s.schedule.restart_before_step)
     trainer = make_trainer(cfg.run.trainer, s.model, s.data, local_training(cfg), s.x0.device,
                            cfg.run.job_threads)
     return Engine(settings, x0=s.x0, trainer=trainer,

@@ -92,6 +92,7 @@ class TimingConfig:
     sample_busy_clients: bool | None = None
     concurrency: int | None = None
     restart: str | None = None
+    restart_model: str | None = None   # closed loop: before_step (the authors' LR code) | after_step
     duration: DurationConfig = field(default_factory=DurationConfig)
 
 
@@ -211,7 +212,19 @@ def validate(cfg: DictConfig | dict) -> DictConfig:
     return merged
 
 
+def _check_spellings(c: DictConfig) -> None:
+    """A setting with two spellings must have one set: qafel.compose settles them; a config built otherwise
+    (or a file that sets both) stops here naming both keys."""
+    from qafel.compose import SPELLINGS
+
+    for node, a, b in SPELLINGS:
+        if c[node].get(a) is not None and c[node].get(b) is not None:
+            raise ConfigError(f"{node}.{a}", c[node][a], f"and {node}.{b}={c[node][b]!r} are both set: set only one "
+                              "of them (on the command line the later one wins)")
+
+
 def _check_ranges(c: DictConfig) -> None:
+    _check_spellings(c)
     _one_of("algorithm.name", c.algorithm.name, ALGORITHMS)
     _at_least("algorithm.buffer_size", c.algorithm.buffer_size, 1)
     _at_least("algorithm.hidden_state_replicas", c.algorithm.hidden_state_replicas, 0)
@@ -265,8 +278,5 @@ def _check_ranges(c: DictConfig) -> None:
 
 
 def quantizer_options(q: DictConfig) -> dict[str, Any]:
-    """The quantizer node as a plain dict, with ``levels`` taking precedence over the ``bits`` shorthand."""
-    opts = {k: v for k, v in OmegaConf.to_container(q).items() if v is not None}
-    if "levels" in opts:
-        opts.pop("bits", None)
-    return opts
+    """The quantizer node as a plain dict of the options that are set."""
+    return {k: v for k, v in OmegaConf.to_container(q).items() if v is not None}

@@ -44,6 +44,8 @@ class EngineSettings:
     client_batch: int = 256           # jobs trained together at most
     target_accuracy: float | None = None
     checkpoint_every: int = 0         # call on_checkpoint every this many server steps (0: never)
+    restart_before_step: bool = False  # closed loop, the authors' LR code: a job restarted by an arrival starts
+                                       # from the model as of that arrival, before the server step it completes
 
 
 @dataclass
@@ -138,6 +140,7 @@ class Engine:
         self.history: list[dict[str, Any]] = []
         self._last_eval_step = -1
         self.events_processed = 0
+        self.owed_starts: list[tuple[float, int, Any]] = []  # restart_before_step: (time, step, start model ref)
         self._wall0 = time.perf_counter()
 
     # ----------------------------------------------------------------------------------------------- loop
@@ -167,19 +170,31 @@ class Engine:
     def _on_start(self, job: Job) -> None:
         self.c.jobs_started += 1
         entry = _InFlight(job, self.server_step)
+        owed = self.owed_starts.pop(0) if self.owed_starts and self.owed_starts[0][0] == job.start else None
+        if owed is not None:  # the restart of an arrival at this time: the model as of that arrival
+            entry.start_step = owed[1]
         if self.s.algorithm == "naive":
-            start, nbytes = self._send(self.qs, self.x, self.server_gen)
+            start, nbytes = self._send(self.qs, owed[2] if owed is not None else self.x, self.server_gen)
             entry.start = start
             self.c.bytes_down_naive += nbytes
-        elif self.s.algorithm == "fedbuff":
-            entry.version = self.versions.acquire((self.server_step, 0), lambda: self.x)
         else:
-            r = job.client % len(self.replicas) if self.replicas else -1
-            source = self.replicas[r] if self.replicas else self.xhat
-            entry.version = self.versions.acquire((self.server_step, r), lambda: source)
+            entry.version = owed[2] if owed is not None else self._start_model(job.client)
         self.jobs[job.job_id] = entry
 
+    def _start_model(self, client: int) -> Any:
+        """A reference to the model a job of ``client`` starting now trains from: naive x itself (quantized per
+        dispatch), FedBuff x and QAFeL x̂ (or the client's copy of it) as a version in the store."""
+        if self.s.algorithm == "naive":
+            return self.x.clone()
+        if self.s.algorithm == "fedbuff":
+            return self.versions.acquire((self.server_step, 0), lambda: self.x)
+        r = client % len(self.replicas) if self.replicas else -1
+        source = self.replicas[r] if self.replicas else self.xhat
+        return self.versions.acquire((self.server_step, r), lambda: source)
+
     def _on_arrival(self, job: Job) -> None:
+        if self.s.restart_before_step:  # this arrival's restart (the next start at this time) trains from now
+            self.owed_starts.append((job.end, self.server_step, self._start_model(job.client)))
         entry = self.jobs[job.job_id]
         if entry.update is None and entry.payload is None:
             self._train_pending()
@@ -298,7 +313,7 @@ class Engine:
 
     # ----------------------------------------------------------------------------------------- checkpoints
     _STATE = ("x", "xhat", "replicas", "buffer", "k", "server_step", "time", "jobs", "versions", "c", "status",
-              "diverged_at", "history", "_last_eval_step", "events_processed")
+              "diverged_at", "history", "_last_eval_step", "events_processed", "owed_starts")
 
     def state_dict(self) -> dict[str, Any]:
         """The complete engine state: models, buffer, optimizer, version store, jobs in flight (with their
@@ -352,13 +367,18 @@ class Engine:
         return self.c.staleness_sum / self.c.staleness_count if self.c.staleness_count else 0.0
 
     def uploads_to_target(self) -> tuple[int, dict[str, Any]] | None:
-        """K × server steps at the first evaluation whose accuracy ≥ target, and that evaluation's record."""
+        """Uploads received up to the first evaluation whose accuracy ≥ target, and that evaluation's record.
+
+        Every upload the server received counts, updates dropped for staleness (``server.max_staleness``)
+        included, so that ``bytes_up_at_target`` covers the same uploads; without drops this is K × server steps
+        (ALGORITHMS.md §7).
+        """
         target = self.s.target_accuracy
         if target is None:
             return None
         for rec in self.history:
             if rec.get("accuracy") is not None and rec["accuracy"] >= target:
-                return self.s.buffer_size * rec["server_step"], rec
+                return rec["uploads"], rec
         return None
 
     def summary(self) -> dict[str, Any]:

@@ -588,17 +588,19 @@ class MinMaxQuantizer(Quantizer):
 
 
 class _SparseQuantizer(Quantizer):
-    """Shared wire format of top-k and random-k: k fp32 values, then their positions.
+    """Shared wire format of top-k and random-k: the cheapest of three, which the decoder infers from d and k.
 
-    Positions are the ascending indices, as k int32 values (4k bytes) when 4k < ceil(d/8), otherwise as a
-    d-bit mask (ceil(d/8) bytes); the decoder knows d and k, so no flag is sent.
-    nbytes = 4k + min(4k, ceil(d/8)).
+    Sparse: k fp32 values, then their ascending positions as k int32 values (4k bytes) or a d-bit mask (ceil(d/8)
+    bytes), whichever is smaller; dense: the d fp32 coordinates with zeros off the support (4d bytes), used when
+    it is no larger (k near d: top-k with fraction 1.0 costs what identity costs).
+    nbytes = min(4k + min(4k, ceil(d/8)), 4d).
     """
 
     def __init__(self, layout: Layout, k: int) -> None:
         super().__init__(layout)
         self.k = int(k)
         self.use_mask = 4 * self.k >= math.ceil(self.d / 8)
+        self.dense = 4 * self.d <= 4 * self.k + min(4 * self.k, math.ceil(self.d / 8))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(d={self.d}, k={self.k})"
@@ -608,9 +610,13 @@ class _SparseQuantizer(Quantizer):
         """(ascending indices, values to send) on v's device."""
 
     def encode(self, v: torch.Tensor, generator: torch.Generator | None = None) -> bytes:
-        """k fp32 values, then the positions (int32 indices or a d-bit mask)."""
+        """k fp32 values then the positions (int32 indices or a d-bit mask), or the dense vector."""
         v = self._check_vec(v)
         idx, vals = self._select(v, generator)
+        if self.dense:
+            out = torch.zeros(self.d, dtype=torch.float32)
+            out[idx.cpu()] = vals.cpu()
+            return _f32_bytes(out)
         idx_np = idx.cpu().numpy()
         if self.use_mask:
             mask = np.zeros(self.d, dtype=np.uint8)
@@ -621,8 +627,10 @@ class _SparseQuantizer(Quantizer):
         return _f32_bytes(vals) + pos
 
     def decode(self, payload: bytes) -> torch.Tensor:
-        """Scatter the k values into a zero vector."""
+        """Scatter the k values into a zero vector (or read the dense vector)."""
         self._check_len(payload)
+        if self.dense:
+            return _f32_from(payload, self.d)
         vals = _f32_from(payload, self.k)
         if self.use_mask:
             mask = np.unpackbits(np.frombuffer(payload, dtype=np.uint8, offset=4 * self.k), count=self.d)
@@ -644,8 +652,8 @@ class _SparseQuantizer(Quantizer):
         return out, self.payload_bytes()
 
     def payload_bytes(self) -> int:
-        """4k + min(4k, ceil(d/8))."""
-        return 4 * self.k + min(4 * self.k, math.ceil(self.d / 8))
+        """min(4k + min(4k, ceil(d/8)), 4d)."""
+        return min(4 * self.k + min(4 * self.k, math.ceil(self.d / 8)), 4 * self.d)
 
 
 class TopKQuantizer(_SparseQuantizer):

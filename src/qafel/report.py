@@ -182,14 +182,17 @@ def down_bytes(record: dict[str, Any]) -> int:
 
 
 def uploads_to_target(metrics: Sequence[dict[str, Any]], buffer_size: int, target: float | None) -> TargetHit | None:
-    """ALGORITHMS.md §7: K × server steps at the first evaluation with accuracy ≥ target (None if never)."""
+    """Uploads received up to the first evaluation with accuracy ≥ target (None if never): the record's
+    ``uploads`` (stale uploads dropped by ``server.max_staleness`` included, as ``bytes_up`` counts them), which is
+    K × server steps (ALGORITHMS.md §7) when none is dropped; K × server steps for records without ``uploads``."""
     if target is None:
         return None
     for rec in sorted(metrics, key=lambda r: r.get("server_step", 0)):
         acc = rec.get("accuracy")
         if acc is not None and not (isinstance(acc, float) and math.isnan(acc)) and acc >= target:
             step = int(rec["server_step"])
-            return TargetHit(buffer_size * step, step, int(rec.get("bytes_up") or 0), down_bytes(rec), rec)
+            uploads = int(rec["uploads"]) if rec.get("uploads") is not None else buffer_size * step
+            return TargetHit(uploads, step, int(rec.get("bytes_up") or 0), down_bytes(rec), rec)
     return None
 
 

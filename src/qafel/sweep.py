@@ -53,6 +53,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 import qafel
+from qafel.compose import compose, config_dir, override_key
 from qafel.errors import ConfigError
 
 SAMPLERS = ("tpe", "nsga2", "random", "grid")
@@ -169,11 +170,6 @@ def format_value(value: Any) -> str:
     if isinstance(value, float):
         return repr(value)
     return str(value)
-
-
-def override_key(override: str) -> str:
-    """The key of a Hydra override (``+a.b=1`` -> ``a.b``)."""
-    return override.split("=", 1)[0].lstrip("+~")
 
 
 def merge_overrides(*lists: Sequence[str]) -> list[str]:
@@ -360,27 +356,9 @@ def load_spec(name: str | Path, size: str | None = None) -> SweepSpec:
 
 
 # ------------------------------------------------------------------------------------------- configs
-def config_dir() -> Path:
-    """qafel's Hydra config directory: ``QAFEL_CONFIG_DIR``, else ``conf/`` of the (editable) checkout."""
-    env = os.environ.get("QAFEL_CONFIG_DIR")
-    path = Path(env) if env else Path(qafel.__file__).resolve().parents[2] / "conf"
-    if not (path / "config.yaml").is_file():
-        raise SweepError(f"qafel's config directory not found: {path} has no config.yaml; set QAFEL_CONFIG_DIR to "
-                         "the repository's conf/ folder (or install qafel editable: pip install -e .)")
-    return path
-
-
 def compose_config(overrides: Sequence[str], conf: Path | None = None, return_hydra_config: bool = False) -> DictConfig:
-    """Compose ``config.yaml`` with Hydra's compose API and these overrides."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(conf or config_dir()), version_base="1.3"):
-            return compose(config_name="config", overrides=list(overrides), return_hydra_config=return_hydra_config)
-    finally:
-        GlobalHydra.instance().clear()
+    """Compose ``config.yaml`` with these overrides, as ``python run.py`` would (``qafel.compose.compose``)."""
+    return compose(overrides, conf, return_hydra_config=return_hydra_config)
 
 
 def sample_params(trial: optuna.Trial, params: Sequence[Param], fixed: Mapping[str, Any]) -> dict[str, Any]:
@@ -908,6 +886,7 @@ def run_sweep(sweep: str | Path | SweepSpec, *, n_trials: int | None = None, stu
                      overrides=all_overrides, conf=conf, pinned=[override_key(o) for o in overrides],
                      context=_context(base_cfg, spec, all_overrides),
                      wandb=base_cfg.tracking.get("backend") == "wandb")
+    check_params_take_effect(plan)
     study = create_or_load_study(plan)
     before = len(study.trials)
     n = n_trials if n_trials is not None else spec.n_trials
@@ -934,23 +913,71 @@ def run_sweep(sweep: str | Path | SweepSpec, *, n_trials: int | None = None, stu
     return study, written
 
 
-def _base_config(overrides: Sequence[str], conf: Path) -> DictConfig:
-    """The sweep's fixed config (with Hydra's group choices), validated: a wrong override stops the sweep here."""
+def _compose_checked(overrides: Sequence[str], conf: Path, blame: Sequence[str]) -> DictConfig:
+    """Compose (with Hydra's group choices); a Hydra error becomes a ConfigError naming the first override of
+    ``blame`` that it mentions (else all of them)."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from qafel.config import validate
-
     try:
-        cfg = compose_config(overrides, conf, return_hydra_config=True)
+        return compose_config(overrides, conf, return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as exc:
         msg = " ".join(line.strip() for line in str(exc).strip().splitlines()[:8] if line.strip())
-        bad = next((o for o in overrides if f"'{override_key(o)}'" in msg), None)
+        bad = next((o for o in blame if f"'{override_key(o)}'" in msg), None)
         if bad is None:
-            raise ConfigError("overrides", " ".join(overrides), msg) from None
+            raise ConfigError("overrides", " ".join(blame), msg) from None
         raise ConfigError(override_key(bad), bad.split("=", 1)[-1], msg) from None
+
+
+def _base_config(overrides: Sequence[str], conf: Path) -> DictConfig:
+    """The sweep's fixed config (with Hydra's group choices), validated: a wrong override stops the sweep here."""
+    from qafel.config import validate
+
+    cfg = _compose_checked(overrides, conf, overrides)
     validate(cfg)
     return cfg
+
+
+def _probe_values(p: Param) -> list[Any]:
+    """Values of ``p`` that must not all compose to the same config: every choice, else the range's ends."""
+    if p.type == "categorical":
+        return list(p.choices)
+    return [int(p.low), int(p.high)] if p.type == "int" else [float(p.low), float(p.high)]
+
+
+def check_params_take_effect(plan: SweepPlan) -> None:
+    """Before any trial: every searched parameter exists and its values compose to at least two different
+    effective configs (validated, two-spelling settings settled), so that the sweep's points differ. A value
+    that fails validation counts as different (its trial fails and is recorded as such).
+
+    A parameter with a ``when`` condition is probed under its first allowed value of each condition key.
+    Raises ConfigError naming ``params.<key>``.
+    """
+    from qafel.config import validate
+
+    for p in plan.params:
+        if all(key in plan.context for key in p.when) and not p.active(plan.context):
+            continue  # never sampled under the fixed overrides
+        condition = [f"{key}={format_value(allowed[0])}" for key, allowed in p.when.items() if key not in plan.context]
+        seen: dict[str, Any] = {}
+        for value in _probe_values(p):
+            override = f"{p.name}={format_value(value)}"
+            try:
+                cfg = _compose_checked(merge_overrides(plan.overrides, condition, [override]), plan.conf, [override])
+            except ConfigError as exc:
+                raise ConfigError(f"params.{p.name}", value, exc.allowed) from None
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # e.g. fedbuff's identity quantizers
+                try:
+                    effective = yaml.safe_dump(OmegaConf.to_container(validate(cfg)), sort_keys=True)
+                except ConfigError as exc:  # an invalid point is a point of its own (its trial fails, recorded)
+                    effective = f"invalid: {exc}"
+            seen.setdefault(effective, value)
+        if len(seen) < 2:
+            under = f" under {' '.join(condition)}" if condition else ""
+            raise ConfigError(f"params.{p.name}", _probe_values(p), "every value gives the same effective config"
+                              f"{under}: the parameter changes nothing in these runs (is it overridden by another "
+                              "setting, or not used by the chosen groups?)")
 
 
 def _context(cfg: DictConfig, spec: SweepSpec, overrides: Sequence[str]) -> dict[str, str]:

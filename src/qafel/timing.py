@@ -25,6 +25,10 @@ Config (``timing`` node, plain dict or OmegaConf DictConfig; missing optional ke
     restart: same             # same: when a job arrives, that client starts a new job at once (same time);
                               # random_idle: a uniformly random idle client (the one that just finished
                               # counts as idle) starts instead
+    restart_model: before_step  # which model such a restart starts from when the arrival completes the server's
+                              # buffer: before_step (the authors' LR code: the model before that server step) or
+                              # after_step (the updated model). The engine applies it (Schedule.restart_model);
+                              # the i-th start at an arrival's time is the restart of the i-th arrival at that time
     duration: {...same node...}
 
 Duration node (``distribution`` and the keys it uses; the other keys are ignored):
@@ -73,10 +77,11 @@ __all__ = [
 NAMES = ("open_loop", "closed_loop")
 ARRIVALS = ("constant", "poisson")
 RESTARTS = ("same", "random_idle")
+RESTART_MODELS = ("before_step", "after_step")
 DISTRIBUTIONS = ("halfnormal", "exponential", "uniform", "lognormal", "per_example")
 
 _OPEN_KEYS = ("name", "arrival", "rate", "sample_busy_clients", "duration")
-_CLOSED_KEYS = ("name", "concurrency", "restart", "duration")
+_CLOSED_KEYS = ("name", "concurrency", "restart", "restart_model", "duration")
 _DURATION_KEYS = ("distribution", "sigma", "min", "mean", "max", "client_speed_sigma")
 _DURATION_DEFAULTS: dict[str, Any] = {
     "distribution": "halfnormal",
@@ -131,6 +136,7 @@ class _Timing:
     sample_busy_clients: bool = True
     concurrency: int = 100
     restart: str = "same"
+    restart_model: str = "before_step"
 
 
 def _get(node: Mapping[str, Any], key: str, default: Any) -> Any:
@@ -216,7 +222,8 @@ def _parse(cfg: Mapping[str, Any], num_clients: int | None) -> _Timing:
     elif not 1 <= conc <= num_clients:
         raise ConfigError("timing.concurrency", conc, f"must be between 1 and num_clients={num_clients}")
     restart = _choice("timing.restart", _get(cfg, "restart", "same"), RESTARTS)
-    return _Timing(name, duration, concurrency=conc, restart=restart)
+    restart_model = _choice("timing.restart_model", _get(cfg, "restart_model", "before_step"), RESTART_MODELS)
+    return _Timing(name, duration, concurrency=conc, restart=restart, restart_model=restart_model)
 
 
 def _mean_random_part(d: _Duration) -> float | None:
@@ -336,6 +343,12 @@ class Schedule:
     def __next__(self) -> Event:
         """The next event in time order."""
         return self._next()
+
+    @property
+    def restart_before_step(self) -> bool:
+        """Closed loop with ``restart_model: before_step``: each start at an arrival's time is that arrival's
+        restart and starts from the model as of that arrival, before the server step it may complete."""
+        return self._cfg.name == "closed_loop" and self._cfg.restart_model == "before_step"
 
     def __repr__(self) -> str:
         return f"Schedule({self._cfg.name}, num_clients={self.num_clients}, in_flight={self.in_flight})"
