@@ -331,6 +331,13 @@ def edited_config(run_dir):
         "saved in the checkpoint at client.lr (0.3 there, 0.1 in the checkpoint)"
 
 
+def edited_config_new_key(run_dir):
+    path = run_dir / "config.yaml"
+    path.write_text(path.read_text().replace("\n  lr: 0.1\n", "\n  lr: 0.1\n  lrr: 2\n", 1))
+    return [f"resume={run_dir}"], f"{run_dir / 'checkpoint.pt'}: refused: config.yaml differs from the config " \
+        "saved in the checkpoint at client.lrr (2 there, None in the checkpoint)"
+
+
 def extra_override(run_dir):
     return [f"resume={run_dir}", "seed=5", "run.progress=false"], f"resume={run_dir}: refused: seed=5"
 
@@ -349,6 +356,7 @@ RUN_DIR_CASES = {
     "malicious-checkpoint": malicious_checkpoint,
     "truncated-checkpoint": truncated_checkpoint,
     "config-edited-after-checkpoint": edited_config,
+    "config-edited-with-an-unknown-key": edited_config_new_key,
     "resume-dir-with-overrides": extra_override,
     "resume-dir-without-checkpoint": no_checkpoint,
     "rerun-into-a-finished-run": rerun_into_it,

@@ -272,7 +272,8 @@ def test_config_and_summary_share_the_run_id_across_a_resume(tmp_path):
 def test_resume_refuses_a_config_that_differs_from_the_checkpoints(tmp_path):
     run_experiment(compose_cfg(*FAST, *SETTING, "run.server_steps=20"), tmp_path)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
-    with pytest.raises(CheckpointError, match=r"differs from the config saved in the checkpoint at server\.lr "):
+    with pytest.raises(CheckpointError, match=r"the config to resume with differs from the config saved in the "
+                                              r"checkpoint at server\.lr "):
         run_experiment(compose_cfg(*FAST, *SETTING, "run.server_steps=20", "server.lr=0.5"), tmp_path, resume=True)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
 

@@ -185,8 +185,9 @@ def refuse_existing_run_dir(run_dir: str | Path) -> None:
     """Raise RunDirExistsError when ``run_dir`` already holds a run's records (they are never overwritten)."""
     found = holds_records(run_dir)
     if found:
-        raise RunDirExistsError(f"{run_dir}: already holds a run ({', '.join(found)}); continue it with "
-                                f"resume={run_dir} or choose another directory (hydra.run.dir=...)")
+        how = f"continue it with resume={run_dir} or" if CHECKPOINT_NAME in found else "it has no checkpoint to resume:"
+        raise RunDirExistsError(f"{run_dir}: already holds a run ({', '.join(found)}); {how} choose another "
+                                "directory (hydra.run.dir=...)")
 
 
 def run_experiment(cfg: DictConfig | dict, output_dir: str | Path,
@@ -207,7 +208,7 @@ def run_experiment(cfg: DictConfig | dict, output_dir: str | Path,
     cfg = validate(cfg)
     if resume:
         checkpoint = load_checkpoint(ckpt_path)
-        check_config_matches(ckpt_path, checkpoint["config"], cfg)
+        check_config_matches(ckpt_path, checkpoint["config"], cfg, what="the config to resume with")
         state = checkpoint["engine"]
         run_id = checkpoint["config"].get("run_id") or cfg.run_id or uuid.uuid4().hex
         remove_quietly(tmp_path(ckpt_path))  # left by a run killed while saving

@@ -117,7 +117,8 @@ def comparable(cfg: DictConfig | dict) -> dict[str, Any]:
     """The part of a config that must match for a checkpoint to belong to it."""
     data = OmegaConf.to_container(cfg) if isinstance(cfg, DictConfig) else dict(cfg)
     data = {k: v for k, v in data.items() if k not in _IGNORED_ON_RESUME}
-    data["run"] = {k: v for k, v in data.get("run", {}).items() if k != "progress"}
+    if isinstance(data.get("run"), dict):
+        data["run"] = {k: v for k, v in data["run"].items() if k != "progress"}
     return data
 
 
@@ -132,7 +133,7 @@ def first_difference(a: Any, b: Any, prefix: str = "") -> tuple[str, Any, Any] |
     return None if a == b else (prefix.rstrip("."), a, b)
 
 
-def check_config_matches(path: Path, checkpoint_config: dict[str, Any], cfg: DictConfig,
+def check_config_matches(path: Path, checkpoint_config: dict[str, Any], cfg: DictConfig | dict,
                          what: str = "config.yaml") -> None:
     """Refuse to resume when ``cfg`` differs from the config saved inside the checkpoint (first key named)."""
     diff = first_difference(comparable(checkpoint_config), comparable(cfg))
@@ -143,7 +144,12 @@ def check_config_matches(path: Path, checkpoint_config: dict[str, Any], cfg: Dic
 
 
 def load_run_config(run_dir: Path) -> DictConfig:
-    """The saved ``config.yaml`` of a run directory to resume (plain YAML only; CheckpointError if unusable)."""
+    """The saved ``config.yaml`` of a run directory to resume, checked against the config inside its checkpoint.
+
+    ``config.yaml`` is written from the same validated config as the checkpoint, so any difference is an edit:
+    CheckpointError names its first key (before validation, so that an edit to an unknown key or a bad value
+    is reported the same way). A missing or unreadable file is a CheckpointError too.
+    """
     path = Path(run_dir) / "config.yaml"
     try:
         data = yaml.safe_load(path.read_text())
@@ -151,6 +157,8 @@ def load_run_config(run_dir: Path) -> DictConfig:
         raise CheckpointError(f"{path}: cannot resume without the run's config ({_one_line(exc)})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: cannot resume: not a YAML mapping")
+    ckpt = Path(run_dir) / CHECKPOINT_NAME
+    check_config_matches(ckpt, load_checkpoint(ckpt)["config"], data)
     return OmegaConf.create(data)
 
 
