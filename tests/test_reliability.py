@@ -18,7 +18,7 @@ import yaml
 from conftest import FAST, REPO, compose_cfg
 
 import qafel.checkpoint
-from qafel.api import make_engine, run_experiment, setup_run
+from qafel.api import make_engine, refuse_existing_run_dir, run_experiment, setup_run
 from qafel.checkpoint import find_resume_dir, load_checkpoint, save_checkpoint
 from qafel.config import validate
 from qafel.errors import CheckpointError, RunDirExistsError, Terminated
@@ -254,6 +254,13 @@ def test_a_new_run_refuses_a_directory_with_records(tmp_path):
     with pytest.raises(RunDirExistsError, match=f"^{tmp_path}: already holds a run"):
         run_experiment(compose_cfg(*FAST, "run.server_steps=20"), tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
+def test_a_directory_with_records_but_no_checkpoint_is_refused_too(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"server_step": 0}\n')
+    with pytest.raises(RunDirExistsError, match=r"\(metrics\.jsonl\); it has no checkpoint to resume: choose"):
+        refuse_existing_run_dir(tmp_path)
+    refuse_existing_run_dir(tmp_path / "fresh")  # a directory without records (or none yet) is fine
 
 
 def test_config_and_summary_share_the_run_id_across_a_resume(tmp_path):
