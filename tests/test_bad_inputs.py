@@ -369,6 +369,8 @@ def test_run_directory_refusals_exit_4_and_change_nothing(tmp_path, finished_run
     run_dir = _copy(finished_run, tmp_path)
     args, expected = RUN_DIR_CASES[name](run_dir)
     before = digest(run_dir)
+    if not any(a.startswith("hydra.run.dir=") for a in args):
+        args.append(f"hydra.run.dir={tmp_path / 'hydra'}")  # where Hydra puts its own files for resume=DIR
     proc = run_py(*args)
     assert proc.returncode == EXIT_RUN_DIR, proc.stderr[-3000:]
     assert one_error_line(proc.stderr).startswith(f"error: {expected}"), proc.stderr

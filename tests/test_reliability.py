@@ -165,8 +165,9 @@ def test_sigterm_stops_with_one_line_and_leaves_no_temporary_file(tmp_path):
     assert not (run_dir / "checkpoint.pt.tmp").exists() and not (run_dir / "summary.json").exists()
     step = load_checkpoint(run_dir / "checkpoint.pt")["engine"]["server_step"]
     assert 1 <= step < 400
-    done = subprocess.run([sys.executable, str(REPO / "run.py"), f"resume={run_dir}", "run.progress=false"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, str(REPO / "run.py"), f"resume={run_dir}", "run.progress=false",
+                           f"hydra.run.dir={tmp_path / 'hydra'}"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     run_experiment(compose_cfg(*overrides, "run.checkpoint_every=0"), tmp_path / "full")
     assert records(run_dir) == records(tmp_path / "full")
