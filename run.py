@@ -5,7 +5,15 @@
     python run.py experiment=paper_logreg
     python run.py experiment=paper_logreg resume=true   # continue the latest such run from its checkpoint
 
-Exit codes: 0 completed, 2 bad config or missing data file, 3 the run diverged (NaN/inf; records are kept).
+Exit codes (each error is one line on stderr, ``error: ...``):
+  0  completed
+  2  bad config value or override, or a missing or invalid data file
+  3  the run diverged (NaN/inf; records are kept)
+  4  refused because of the run directory: it already holds a run's records (and no resume was asked), or
+     the checkpoint to resume is missing, corrupt, unsafe or from another config, or resume=DIR got overrides
+     other than run.progress (nothing in the directory is changed)
+  5  the output directory is not writable or the disk is full (the records written so far are kept)
+  130, 143  stopped by SIGINT (Ctrl-C) or SIGTERM: the records so far and the last checkpoint are kept
 """
 
 from __future__ import annotations
@@ -18,34 +26,43 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from qafel.api import format_summary, run_experiment
-from qafel.checkpoint import find_resume_dir
+from qafel.checkpoint import extra_resume_overrides, find_resume_dir, load_run_config, resume_is_dir
 from qafel.compose import hydra_group_default, settle_spellings
-from qafel.errors import ConfigError, DataFileError
-
-EXIT_BAD_INPUT = 2
-EXIT_DIVERGED = 3
+from qafel.errors import EXIT_DIVERGED, QafelError, RunDirError, Terminated
+from qafel.signals import stop_on_signals
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     """Run the composed config; the return value (final accuracy) is what Hydra sweepers read."""
+    stop_on_signals()
     hc = HydraConfig.get()
-    output_dir = Path(cfg.paths.output_dir or hc.runtime.output_dir)
+    run_dir = Path(cfg.paths.output_dir or hc.runtime.output_dir)
     try:
         settle_spellings(cfg, list(hc.overrides.task), hydra_group_default(hc.runtime.choices, hydra.compose))
         resume = cfg.get("resume")
         if resume not in (None, False):
             from qafel.config import validate
 
-            run_dir = find_resume_dir(resume, validate(cfg), output_dir)
-            saved = OmegaConf.load(run_dir / "config.yaml")
-            saved.run.progress = cfg.run.progress
+            if resume_is_dir(resume):
+                extra = extra_resume_overrides(list(hc.overrides.task))
+                if extra:
+                    raise RunDirError(f"resume={resume}: refused: {' '.join(extra)} (resume=RUN_DIR continues with "
+                                      "the run's own config.yaml; only run.progress may be given)")
+            run_dir = find_resume_dir(resume, validate(cfg), run_dir)
+            saved = load_run_config(run_dir)
+            OmegaConf.update(saved, "run.progress", cfg.run.progress)
             summary = run_experiment(saved, run_dir, resume=True)
         else:
-            summary = run_experiment(cfg, output_dir)
-    except (ConfigError, DataFileError) as exc:
+            summary = run_experiment(cfg, run_dir)
+    except QafelError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
+        sys.exit(exc.exit_code)
+    except (KeyboardInterrupt, Terminated) as exc:
+        name, code = ("SIGTERM", 143) if isinstance(exc, Terminated) else ("SIGINT", 130)
+        print(f"error: stopped by {name}; the records so far and the last checkpoint are in {run_dir} "
+              f"(continue with resume={run_dir})", file=sys.stderr)
+        sys.exit(code)
     print(format_summary(summary))
     if summary["status"] == "diverged":
         print(f"error: the run diverged at server step {summary['diverged_at_step']} (NaN or inf); "

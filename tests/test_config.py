@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import CONF, FAST, compose_cfg
 
-from qafel.api import setup_run
+from qafel.api import make_engine, setup_run
 from qafel.config import validate
 from qafel.errors import ConfigError, DataFileError
 
@@ -49,6 +49,16 @@ def test_paper_logreg_has_the_papers_settings():
     ("client_quantizer=topk client_quantizer.fraction=0", "client_quantizer.fraction=0"),
     ("dataset.num_clients=0", "dataset.num_clients=0"),
     ("dataset.partition=bogus", "dataset.partition='bogus'"),
+    ("dataset.alpha=nan", "dataset.alpha=nan: must be a finite number"),
+    ("dataset.alpha=inf", "dataset.alpha=inf: must be a finite number"),
+    ("client.lr=inf", "client.lr=inf: must be a finite number"),
+    ("server.lr=inf", "server.lr=inf: must be a finite number"),
+    ("server.lr=nan", "server.lr=nan: must be a finite number"),
+    ("model.l2=inf", "model.l2=inf: must be a finite number"),
+    ("server.betas=[0.9,nan]", "server.betas[1]=nan: must be a finite number"),
+    ("timing.duration.sigma=-inf", "timing.duration.sigma=-inf: must be a finite number"),
+    ("seed=-1", "seed=-1: must be an integer in [0, 2^63 - 1"),
+    ("seed=9223372036854775808", "seed=9223372036854775808: must be an integer in [0, 2^63 - 1"),
 ])
 def test_bad_values_fail_with_one_line_naming_the_key(override, key):
     with pytest.raises(ConfigError) as info:
@@ -57,6 +67,12 @@ def test_bad_values_fail_with_one_line_naming_the_key(override, key):
     message = str(info.value)
     assert message.startswith(key), message
     assert "\n" not in message
+
+
+def test_the_largest_seed_runs():
+    s = setup_run(compose_cfg(*FAST, "seed=9223372036854775807", "run.server_steps=1"))
+    assert s.cfg.seed == 2**63 - 1
+    assert make_engine(s).run()["status"] == "completed"
 
 
 def test_unknown_key_and_wrong_type_are_rejected():

@@ -277,6 +277,59 @@ def test_torn_last_metrics_line_is_skipped(tmp_path):
     assert not math.isnan(row.stats["final_accuracy"].mean)
 
 
+def _damage_middle_line(run: Path) -> None:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    lines[1] = lines[1][:20]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (_damage_middle_line, "metrics.jsonl:2: damaged record before the last line"),
+    (lambda run: (run / "metrics.jsonl").write_text(""), "metrics.jsonl: no evaluation records"),
+    (lambda run: (run / "summary.json").write_text('{"status": "compl'), "summary.json: cannot read"),
+    (lambda run: (run / "config.yaml").write_text("a: [b"), "config.yaml: cannot read"),
+])
+def test_a_damaged_run_is_left_out_with_a_warning_and_the_report_goes_on(tmp_path, capsys, damage, problem):
+    good = make_run(tmp_path / "runs" / "good", seed=0)
+    bad = make_run(tmp_path / "runs" / "bad", seed=1)
+    damage(bad)
+    report = build_report([tmp_path / "runs"])
+    assert [r.path for r in report.runs] == [good.resolve()]
+    assert [(d, why.startswith(f"{bad.resolve()}/{problem}")) for d, why in report.skipped] == [(bad.resolve(), True)]
+    assert "## Skipped run directories" in report.markdown and problem in report.markdown
+    assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--no-plots"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"warning: run left out of the report: {bad.resolve()}/{problem}")
+
+
+def test_a_summary_and_a_config_from_different_runs_are_not_mixed(tmp_path):
+    a, b = make_run(tmp_path / "a", seed=0), make_run(tmp_path / "b", seed=0)
+    for run, run_id in ((a, "aaa"), (b, "bbb")):
+        summary = json.loads((run / "summary.json").read_text())
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        summary["run_id"] = config["run_id"] = run_id
+        (run / "summary.json").write_text(json.dumps(summary))
+        (run / "config.yaml").write_text(yaml.safe_dump(config))
+    assert len(build_report([a, b]).runs) == 2
+    (a / "summary.json").write_bytes((b / "summary.json").read_bytes())
+    report = build_report([a, b])
+    assert [r.path for r in report.runs] == [b.resolve()]
+    assert "come from different runs (run_id 'bbb' in summary.json, run_id 'aaa' in config.yaml)" in \
+        report.skipped[0][1]
+    old = make_run(tmp_path / "old", seed=3)  # written before run_id existed: the seed still has to agree
+    (old / "config.yaml").write_text((old / "config.yaml").read_text().replace("seed: 3", "seed: 4"))
+    assert "(seed 3 in summary.json, seed 4 in config.yaml)" in build_report([old, b]).skipped[0][1]
+
+
+def test_a_real_run_records_one_run_id_and_reports(tmp_path):
+    from qafel.api import run_experiment
+
+    summary = run_experiment(compose_cfg(*FAST, "run.server_steps=10", "run.eval_every=5"), tmp_path / "r")
+    assert yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["run_id"] == summary["run_id"]
+    report = build_report([tmp_path / "r"])
+    assert not report.skipped and "run_id" not in report.rows[0].group.columns
+
+
 def test_console_script_is_declared():
     text = (REPO / "pyproject.toml").read_text()
     assert 'qafel-report = "qafel.report:main"' in text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,12 +13,19 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from qafel.algorithms import ServerOptimizer, StalenessWeight
-from qafel.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from qafel.checkpoint import (
+    CHECKPOINT_NAME,
+    check_config_matches,
+    load_checkpoint,
+    remove_quietly,
+    save_checkpoint,
+    tmp_path,
+)
 from qafel.clients import BatchedTrainer, ClientTrainer, LocalTraining
 from qafel.config import quantizer_options, validate
 from qafel.data import FederatedData, build_dataset
 from qafel.engine import Engine, EngineSettings
-from qafel.errors import ConfigError
+from qafel.errors import ConfigError, OutputError, RunDirExistsError
 from qafel.models import FlatModel, build_module
 from qafel.optimum import objective, solve_optimum
 from qafel.quantizers import Quantizer, build_quantizer
@@ -166,23 +174,56 @@ def make_engine(s: RunSetup, on_eval: Callable[[dict[str, Any]], None] | None = 
                   evaluate=s.evaluator, on_eval=on_eval, on_server_step=on_server_step, on_checkpoint=on_checkpoint)
 
 
+RECORD_FILES = ("config.yaml", "metrics.jsonl", "summary.json", CHECKPOINT_NAME)
+
+
+def holds_records(run_dir: str | Path) -> list[str]:
+    """The run records (``RECORD_FILES``) already in ``run_dir``; empty when a fresh run may start there."""
+    return [name for name in RECORD_FILES if (Path(run_dir) / name).exists()]
+
+
+def refuse_existing_run_dir(run_dir: str | Path) -> None:
+    """Raise RunDirExistsError when ``run_dir`` already holds a run's records (they are never overwritten)."""
+    found = holds_records(run_dir)
+    if found:
+        how = f"continue it with resume={run_dir} or" if CHECKPOINT_NAME in found else "it has no checkpoint to resume:"
+        raise RunDirExistsError(f"{run_dir}: already holds a run ({', '.join(found)}); {how} choose another "
+                                "directory (hydra.run.dir=...)")
+
+
 def run_experiment(cfg: DictConfig | dict, output_dir: str | Path,
                    on_eval: Callable[[dict[str, Any]], None] | None = None, resume: bool = False) -> dict[str, Any]:
     """Run one experiment; write ``config.yaml``, ``metrics.jsonl``, ``summary.json`` and ``checkpoint.pt``
     (every ``run.checkpoint_every`` server steps and at the end) to ``output_dir``.
 
     ``on_eval`` (optional) sees every evaluation record as it is made (sweeps use it for pruning).
-    ``resume``: continue from ``output_dir/checkpoint.pt``; metrics.jsonl is rewritten to the checkpoint's
-    records first, so the finished files equal those of an uninterrupted run. Returns the summary dict.
+    ``resume``: continue from ``output_dir/checkpoint.pt``, whose saved config must equal ``cfg`` (paths,
+    tracking and ``run.progress`` aside); metrics.jsonl is rewritten to the checkpoint's records first, so the
+    finished files equal those of an uninterrupted run. Without ``resume`` a directory that already holds run
+    records is refused (RunDirExistsError) before anything is written. ``config.yaml`` and ``summary.json``
+    carry the same ``run_id``. Returns the summary dict.
     """
     t0 = time.perf_counter()
+    out = Path(output_dir)
+    ckpt_path = out / CHECKPOINT_NAME
+    cfg = validate(cfg)
+    if resume:
+        checkpoint = load_checkpoint(ckpt_path)
+        check_config_matches(ckpt_path, checkpoint["config"], cfg, what="the config to resume with")
+        state = checkpoint["engine"]
+        run_id = checkpoint["config"].get("run_id") or cfg.run_id or uuid.uuid4().hex
+        remove_quietly(tmp_path(ckpt_path))  # left by a run killed while saving
+    else:
+        refuse_existing_run_dir(out)
+        state, run_id = None, cfg.run_id or uuid.uuid4().hex
+    cfg.run_id = run_id
     s = setup_run(cfg)
     cfg = s.cfg
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / CHECKPOINT_NAME
-    state = load_checkpoint(ckpt_path)["engine"] if resume else None
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    except OSError as exc:
+        raise OutputError(f"{out / 'config.yaml'}: cannot write ({exc.strerror or exc})") from None
     recorder = RunRecorder(out, history=state["history"] if state else None)
     tracker = make_tracker(cfg.tracking, OmegaConf.to_container(cfg), out)
     progress = _progress_bar(cfg) if cfg.run.progress else None
@@ -224,6 +265,7 @@ def run_experiment(cfg: DictConfig | dict, output_dir: str | Path,
         "wall_time_s": time.perf_counter() - t0 + previous_wall,
         "resumed": state is not None,
         "run_dir": str(out),
+        "run_id": run_id,
     })
     recorder.write_summary(summary)
     if tracker is not None:

@@ -7,6 +7,7 @@ starts with the dotted key, its value and what is allowed.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -178,6 +179,7 @@ class Config:
     device: str = "cpu"
     name: str | None = None
     resume: Any = None  # true (this config's latest run) or a run directory: continue from its checkpoint
+    run_id: str | None = None  # set by run_experiment; config.yaml and summary.json of one run share it
 
 
 def _one_of(key: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -223,8 +225,26 @@ def _check_spellings(c: DictConfig) -> None:
                               "of them (on the command line the later one wins)")
 
 
+SEED_MAX = 2**63 - 1  # numpy's SeedSequence takes any integer >= 0, torch.manual_seed up to 2^64 - 1
+
+
+def _check_finite(node: Any, prefix: str = "") -> None:
+    """Every float in the config is finite: no key takes NaN or infinity (a null says "not set")."""
+    items = node.items() if isinstance(node, dict) else enumerate(node)
+    for key, value in items:
+        name = f"{prefix}{key}" if isinstance(node, dict) else f"{prefix.rstrip('.')}[{key}]"
+        if isinstance(value, dict | list):
+            _check_finite(value, f"{name}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(name, value, "must be a finite number")
+
+
 def _check_ranges(c: DictConfig) -> None:
     _check_spellings(c)
+    _check_finite(OmegaConf.to_container(c))
+    seed = c.seed
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+        raise ConfigError("seed", seed, f"must be an integer in [0, 2^63 - 1 = {SEED_MAX}]")
     _one_of("algorithm.name", c.algorithm.name, ALGORITHMS)
     _at_least("algorithm.buffer_size", c.algorithm.buffer_size, 1)
     _at_least("algorithm.hidden_state_replicas", c.algorithm.hidden_state_replicas, 0)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -59,6 +59,20 @@ class _InFlight:
     nbytes: int = 0
 
 
+def _job_state(e: _InFlight) -> dict[str, Any]:
+    j = e.job
+    return {"job": [j.job_id, j.client, j.start, j.end], "start_step": e.start_step,
+            "version": None if e.version is None else list(e.version), "start": e.start, "update": e.update,
+            "payload": e.payload, "nbytes": e.nbytes}
+
+
+def _job_from_state(d: dict[str, Any]) -> _InFlight:
+    job_id, client, start, end = d["job"]
+    return _InFlight(Job(int(job_id), int(client), float(start), float(end)), d["start_step"],
+                     None if d["version"] is None else tuple(d["version"]), d["start"], d["update"], d["payload"],
+                     d["nbytes"])
+
+
 @dataclass
 class Counters:
     """Totals kept by the engine (never only means)."""
@@ -102,6 +116,15 @@ class VersionStore:
 
     def __len__(self) -> int:
         return len(self._models)
+
+    def state_dict(self) -> list[list[Any]]:
+        """``[step, replica, model, references]`` per stored version."""
+        return [[*key, model, self._refs[key]] for key, model in self._models.items()]
+
+    def load_state_dict(self, state: list[list[Any]]) -> None:
+        """Restore a ``state_dict``."""
+        self._models = {(int(s), int(r)): model for s, r, model, _ in state}
+        self._refs = Counter({(int(s), int(r)): int(n) for s, r, _, n in state})
 
 
 class Engine:
@@ -312,13 +335,22 @@ class Engine:
         self.diverged_at = self.server_step
 
     # ----------------------------------------------------------------------------------------- checkpoints
-    _STATE = ("x", "xhat", "replicas", "buffer", "k", "server_step", "time", "jobs", "versions", "c", "status",
-              "diverged_at", "history", "_last_eval_step", "events_processed", "owed_starts")
+    _STATE = ("x", "xhat", "replicas", "buffer", "k", "server_step", "time", "status", "diverged_at", "history",
+              "_last_eval_step", "events_processed", "owed_starts")
 
     def state_dict(self) -> dict[str, Any]:
         """The complete engine state: models, buffer, optimizer, version store, jobs in flight (with their
-        trained updates), counters, metrics so far, every generator's state and how far the schedule got."""
+        trained updates), counters, metrics so far, every generator's state and how far the schedule got.
+
+        Only tensors, numbers, strings, bytes, None, lists and dicts, so that ``torch.load(weights_only=True)``
+        reads it back without unpickling any class.
+        """
+        counters = {f.name: getattr(self.c, f.name) for f in fields(self.c)}
+        counters["staleness_hist"] = dict(self.c.staleness_hist)
         return {**{k: getattr(self, k) for k in self._STATE},
+                "jobs": [_job_state(e) for e in self.jobs.values()],
+                "versions": self.versions.state_dict(),
+                "c": counters,
                 "optimizer": dict(self.optimizer.__dict__),
                 "server_gen": self.server_gen.get_state(),
                 "torch_rng": torch.get_rng_state(),
@@ -328,6 +360,11 @@ class Engine:
         """Restore a ``state_dict``; the (exogenous) schedule is replayed up to where the checkpoint stood."""
         for k in self._STATE:
             setattr(self, k, state[k])
+        self.jobs = {e.job.job_id: e for e in map(_job_from_state, state["jobs"])}
+        self.owed_starts = [(t, step, ref if isinstance(ref, torch.Tensor) else tuple(ref))
+                            for t, step, ref in state["owed_starts"]]
+        self.versions.load_state_dict(state["versions"])
+        self.c = Counters(**{**state["c"], "staleness_hist": Counter(state["c"]["staleness_hist"])})
         self.optimizer.__dict__.update(state["optimizer"])
         self.server_gen.set_state(state["server_gen"])
         torch.set_rng_state(state["torch_rng"])

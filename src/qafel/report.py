@@ -7,6 +7,11 @@ the seed and bookkeeping keys), aggregates seeds and writes ``table.md``, ``tabl
 Uploads to target follow ALGORITHMS.md §7: K × (server steps at the first evaluation whose accuracy ≥ target),
 with the bytes uploaded and broadcast at that evaluation. They are always recomputed from ``metrics.jsonl``;
 the target is ``--target-accuracy`` when given, else each run's own ``target_accuracy``.
+
+A run directory that cannot be trusted is left out with a warning naming it and the problem, and the report
+goes on: a damaged ``metrics.jsonl`` line before the last (a torn last line, from a killed run, is skipped), no
+evaluation records, an unreadable ``summary.json`` or ``config.yaml``, or a summary and config from different
+runs (``run_id``, seed, algorithm, dataset or model disagree).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ MB = 1e6  # bytes per MB in every table and plot
 
 # Flattened config keys (or key prefixes) that do not make a different configuration: the seed, bookkeeping,
 # and implementation choices that produce the same numbers.
-IGNORED_KEYS = ("seed", "name", "device", "resume", "paths", "tracking", "hydra", "run.progress", "run.codec",
+IGNORED_KEYS = ("seed", "name", "device", "resume", "run_id", "paths", "tracking", "hydra", "run.progress", "run.codec",
                 "run.client_batch", "run.eval_every", "run.target_accuracy", "run.compute_optimum", "run.trainer",
                 "run.checkpoint_every", "algorithm.hidden_state_replicas")
 # Keys shown in their own columns (everything else that varies between configurations is shown as extra columns).
@@ -137,43 +142,98 @@ def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Evaluation records from metrics.jsonl (a torn last line from a killed run is skipped)."""
+    """Evaluation records from metrics.jsonl.
+
+    A torn last line (a killed run) is skipped; a damaged line before it, or a file without any record, raises
+    ReportError: those records cannot be trusted (uploads to target would silently move).
+    """
+    try:
+        lines = [(i, line.strip()) for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ReportError(f"{path}: cannot read ({exc})") from None
     records = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line:
-            continue
+    for n, (line_no, line) in enumerate(lines):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
-            continue
-    records.sort(key=lambda r: r.get("server_step", 0))
+            if n == len(lines) - 1:
+                continue
+            raise ReportError(f"{path}:{line_no}: damaged record before the last line") from None
+        if not isinstance(record, dict) or not isinstance(record.get("server_step"), int):
+            raise ReportError(f"{path}:{line_no}: not an evaluation record (no integer server_step)")
+        records.append(record)
+    if not records:
+        raise ReportError(f"{path}: no evaluation records")
+    records.sort(key=lambda r: r["server_step"])
     return records
 
 
+# (summary.json key, config key) pairs that must agree when both are recorded.
+_IDENTITY = (("run_id", "run_id"), ("seed", "seed"), ("algorithm", "algorithm.name"), ("dataset", "dataset.name"),
+             ("model", "model.name"))
+
+
 def load_run(path: str | Path) -> RunRecord:
-    """Read one run directory (config from config.yaml, else Hydra's .hydra/config.yaml)."""
+    """Read one run directory (config from config.yaml, else Hydra's .hydra/config.yaml).
+
+    Raises ReportError when a file is unreadable or damaged, or when summary.json and config.yaml come from
+    different runs (their ``run_id``, seed, algorithm, dataset or model differ; ``run_id`` must be in both or
+    neither, so records written before it existed still load).
+    """
     path = Path(path)
     try:
         summary = json.loads((path / "summary.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ReportError(f"{path / 'summary.json'}: cannot read ({exc})") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ReportError(f"{path / 'summary.json'}: cannot read ({exc})") from None
+    if not isinstance(summary, dict):
+        raise ReportError(f"{path / 'summary.json'}: not a JSON object")
     config: dict[str, Any] = {}
+    source = None
     for candidate in (path / "config.yaml", path / ".hydra" / "config.yaml"):
         if candidate.is_file():
-            config = yaml.safe_load(candidate.read_text()) or {}
+            try:
+                config = yaml.safe_load(candidate.read_text()) or {}
+            except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+                raise ReportError(f"{candidate}: cannot read ({' '.join(str(exc).split())})") from None
+            source = candidate
             break
-    if not config:
+    if not isinstance(config, dict) or not config:
         raise ReportError(f"{path}: no config.yaml (needed for the configuration and K)")
-    return RunRecord(path, config, summary, read_metrics(path / "metrics.jsonl"))
+    for s_key, c_key in _IDENTITY:
+        if s_key == "run_id" and source is not None and source.parent != path:
+            continue  # Hydra's copy is written before the run has an id
+        a, b = summary.get(s_key), _get(config, c_key)
+        if (a is None and b is None) or (s_key != "run_id" and (a is None or b is None)):
+            continue
+        if a != b:
+            raise ReportError(f"{path}: summary.json and {source.name} come from different runs ({s_key} {a!r} in "
+                              f"summary.json, {c_key} {b!r} in {source.name})")
+    run = RunRecord(path, config, summary, read_metrics(path / "metrics.jsonl"))
+    run.buffer_size  # noqa: B018 - fails here (and the run is skipped) rather than in the middle of a table
+    return run
 
 
-def load_runs(paths: Iterable[str | Path]) -> list[RunRecord]:
-    """All run records under the given paths."""
+def load_runs(paths: Iterable[str | Path], skipped: list[tuple[Path, str]] | None = None) -> list[RunRecord]:
+    """All run records under the given paths.
+
+    A run directory that cannot be used is left out; with ``skipped`` given, it is appended there as
+    ``(directory, problem)``, otherwise the ReportError is raised.
+    """
     dirs = find_run_dirs(paths)
     if not dirs:
         raise ReportError("no run directories (summary.json + metrics.jsonl) under " + ", ".join(map(str, paths)))
-    return [load_run(d) for d in dirs]
+    runs = []
+    for d in dirs:
+        try:
+            runs.append(load_run(d))
+        except ReportError as exc:
+            if skipped is None:
+                raise
+            skipped.append((d, str(exc)))
+    if not runs:
+        raise ReportError(f"no usable run directory: {len(skipped or [])} skipped, the first: "
+                          f"{(skipped or [(None, '')])[0][1]}")
+    return runs
 
 
 def down_bytes(record: dict[str, Any]) -> int:
@@ -630,6 +690,7 @@ class Report:
     rows: list[Row]
     markdown: str
     files: list[Path]
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # run directories left out, and why
 
     @property
     def main_table(self) -> str:
@@ -648,10 +709,14 @@ def build_report(paths: Iterable[str | Path], target_accuracy: float | None = No
     """Load, group and aggregate the runs under ``paths`` (no files written)."""
     if target_accuracy is not None and not 0.0 <= target_accuracy <= 1.0:
         raise ReportError(f"--target-accuracy={target_accuracy}: must be in [0, 1]")
-    runs = load_runs(list(paths))
+    skipped: list[tuple[Path, str]] = []
+    runs = load_runs(list(paths), skipped)
     groups = group_runs(runs)
     rows = aggregate(groups, target_accuracy)
-    return Report(runs, groups, rows, markdown_table(rows), [])
+    markdown = markdown_table(rows)
+    if skipped:
+        markdown += "\n## Skipped run directories\n\n" + "".join(f"- `{d}`: {why}\n" for d, why in skipped)
+    return Report(runs, groups, rows, markdown, [], skipped)
 
 
 def write_report(paths: Iterable[str | Path], out_dir: str | Path = "report",
@@ -687,6 +752,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ReportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    for _, why in report.skipped:
+        print(f"warning: run left out of the report: {why}", file=sys.stderr)
     print(report.markdown)
     print(f"wrote {len(report.files)} files to {Path(args.out)}: " + ", ".join(p.name for p in report.files))
     return 0

@@ -9,9 +9,14 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
+
+from qafel.checkpoint import remove_quietly
+from qafel.errors import OutputError
+from qafel.signals import deferred_signals
 
 
 def _jsonable(value: Any) -> Any:
@@ -25,32 +30,54 @@ def _jsonable(value: Any) -> Any:
 
 
 class RunRecorder:
-    """Writes one JSON line per evaluation to ``metrics.jsonl`` and the final ``summary.json``."""
+    """Writes one JSON line per evaluation to ``metrics.jsonl`` and the final ``summary.json``.
+
+    A write that fails (directory not writable, disk full) raises an OutputError naming the file; the lines
+    written before it stay in the file.
+    """
 
     def __init__(self, run_dir: Path, history: list[Mapping[str, Any]] | None = None) -> None:
         """Start ``metrics.jsonl`` afresh, with ``history`` (a resumed run's records so far) written first."""
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.summary_path = self.run_dir / "summary.json"
-        self._fh = open(self.metrics_path, "w")  # noqa: SIM115 - kept open for the run's lifetime
+        with _writing(self.metrics_path):
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._fh = open(self.metrics_path, "w")  # noqa: SIM115 - kept open for the run's lifetime
         for record in history or []:
             self.log(record)
 
     def log(self, record: Mapping[str, Any]) -> None:
         """Append one evaluation record (flushed at once, so a killed run keeps what it logged)."""
-        self._fh.write(json.dumps(_jsonable(dict(record))) + "\n")
-        self._fh.flush()
+        with _writing(self.metrics_path):
+            self._fh.write(json.dumps(_jsonable(dict(record))) + "\n")
+            self._fh.flush()
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
-        """Write summary.json atomically."""
+        """Write summary.json atomically (a failed write leaves no temporary file behind)."""
         tmp = self.summary_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(_jsonable(dict(summary)), indent=2) + "\n")
-        os.replace(tmp, self.summary_path)
+        with _writing(self.summary_path), deferred_signals():
+            try:
+                tmp.write_text(json.dumps(_jsonable(dict(summary)), indent=2) + "\n")
+                os.replace(tmp, self.summary_path)
+            except BaseException:
+                remove_quietly(tmp)
+                raise
 
     def close(self) -> None:
-        """Close the metrics file."""
-        self._fh.close()
+        """Close the metrics file (a failing final flush is ignored: every line was flushed when logged)."""
+        with suppress(OSError):
+            self._fh.close()
+
+
+@contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Turn an OSError while writing ``path`` into a one-line OutputError."""
+    try:
+        yield
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write ({exc.strerror or exc}); the records written so far are kept") \
+            from None
 
 
 class WandbTracker:

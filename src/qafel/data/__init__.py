@@ -9,13 +9,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from qafel.data.checks import check_raw
 from qafel.data.federated import FederatedData
 from qafel.data.images import load_celeba, load_cifar10, load_fashion_mnist, load_synthetic_images, subsample
 from qafel.data.partition import partition, partition_stats
 from qafel.data.raw import RawData
 from qafel.data.readers import load_digits_arrays, read_libsvm, require_file
 from qafel.data.text import load_shakespeare
-from qafel.errors import ConfigError
+from qafel.errors import ConfigError, DataFileError
 
 DATASET_NAMES = ("digits", "mushrooms", "fashion_mnist", "cifar10", "celeba", "shakespeare", "synthetic_images")
 
@@ -23,7 +24,20 @@ __all__ = ["DATASET_NAMES", "FederatedData", "RawData", "build_dataset", "load_r
 
 
 def load_raw(cfg: Mapping[str, Any], data_root: str | Path, seed: int) -> RawData:
-    """The dataset named by ``cfg['name']`` as arrays, before the train/test split and the partition."""
+    """The dataset named by ``cfg['name']`` as arrays, before the train/test split and the partition.
+
+    Every reader's output is checked (labels, shapes, finite values, counts): a bad file raises a one-line
+    DataFormatError naming it, a file that cannot be read a DataFileError.
+    """
+    try:
+        return _load_raw(cfg, data_root, seed)
+    except (DataFileError, OSError) as exc:
+        if isinstance(exc, DataFileError):
+            raise
+        raise DataFileError(f"{exc.filename or data_root}: cannot read ({exc.strerror or exc})") from None
+
+
+def _load_raw(cfg: Mapping[str, Any], data_root: str | Path, seed: int) -> RawData:
     name = cfg.get("name")
     if name == "digits":
         X, y = load_digits_arrays()
@@ -31,9 +45,11 @@ def load_raw(cfg: Mapping[str, Any], data_root: str | Path, seed: int) -> RawDat
     if name == "mushrooms":
         path = require_file(Path(data_root) / str(cfg.get("file") or "mushrooms.libsvm"),
                             "download 'mushrooms' from the LIBSVM binary datasets page and put it there")
-        X, labels = read_libsvm(path, num_features=112)
+        X, labels = read_libsvm(path, num_features=112, classes=2)
         X = np.concatenate([X, np.ones((len(X), 1), dtype=np.float32)], axis=1)  # bias column: d = 113
-        return RawData(X, (labels == labels.max()).astype(np.int64), 2)  # {1, 2} -> {0, 1}
+        raw = RawData(X, (labels == labels.max()).astype(np.int64), 2)  # {1, 2} -> {0, 1}
+        check_raw(raw, str(path))
+        return raw
     if name == "fashion_mnist":
         return load_fashion_mnist(cfg, data_root)
     if name == "cifar10":
@@ -80,5 +96,7 @@ def _train_test_split(X: np.ndarray, y: np.ndarray, test_fraction: float, seed: 
         return X, y, X, y
     from sklearn.model_selection import train_test_split
 
-    X_tr, X_te, y_tr, y_te = train_test_split(X, y, test_size=test_fraction, random_state=seed, stratify=y)
+    # scikit-learn takes seeds below 2^32; a larger one seeds a RandomState through a SeedSequence instead
+    state = seed if seed < 2**32 else np.random.RandomState(np.random.SeedSequence(seed).generate_state(4))
+    X_tr, X_te, y_tr, y_te = train_test_split(X, y, test_size=test_fraction, random_state=state, stratify=y)
     return X_tr, y_tr, X_te, y_te

