@@ -134,6 +134,7 @@ def _running_trial(study: optuna.Study, params: dict, host: str, pid: int) -> op
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # the test's own ask() makes the RUNNING trials
+@pytest.mark.filterwarnings("ignore:algorithm=fedbuff sends unquantized")
 @pytest.mark.parametrize("storage", ["sqlite", "journal"])
 @pytest.mark.parametrize("grid", sorted(GRIDS))
 def test_a_rerun_runs_failed_and_dead_workers_points_but_not_live_ones(
@@ -188,6 +189,7 @@ def test_a_rerun_runs_failed_and_dead_workers_points_but_not_live_ones(
 
 
 @pytest.mark.slow  # 19 trials (the non-slow rerun test checks a complete 4-point grid too)
+@pytest.mark.filterwarnings("ignore:algorithm=fedbuff sends unquantized")
 def test_a_complete_conditional_grid_adds_nothing_and_says_so(tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "bitgrid"
@@ -236,7 +238,8 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.slow  # two worker processes
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
-def test_killing_the_parent_stops_its_workers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig, code", [(signal.SIGKILL, -9), (signal.SIGTERM, 143)], ids=["SIGKILL", "SIGTERM"])
+def test_killing_the_parent_stops_its_workers(tmp_path: Path, sig: int, code: int) -> None:
     out = tmp_path / "w"
     cmd = [*sweep_cmd(), str(SWEEPS / "bitgrid.yaml"), "--size", "smoke", "--sweep-dir", str(out), *BITGRID_3,
            "--workers", "2", "run.server_steps=100000", "run.eval_every=100"]
@@ -247,8 +250,8 @@ def test_killing_the_parent_stops_its_workers(tmp_path: Path) -> None:
         time.sleep(0.1)
     workers = _children(proc.pid)
     assert len(workers) == 2
-    proc.kill()
-    proc.wait()
+    proc.send_signal(sig)
+    assert proc.wait(timeout=120) == code
     deadline = time.monotonic() + 60
     while any(_alive(w) for w in workers):
         assert time.monotonic() < deadline, "the workers outlived their killed parent"

@@ -54,12 +54,13 @@ def _boot_id() -> str:
 
 
 def _start_ticks(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (Linux /proc); None if unknown or no such process."""
+    """The process's start time in clock ticks since boot (Linux /proc); None if unknown, no such process or a
+    zombie (a killed worker its parent has not reaped yet)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # the name in (...) may hold spaces
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22; the command name in (...) may hold spaces
+    return None if fields[0] in ("Z", "X") else fields[19]  # fields 3 (state) and 22 (start time)
 
 
 def _pid_exists(pid: int) -> bool:
@@ -114,7 +115,7 @@ def journal_heartbeat(trial: optuna.Trial, enabled: bool, interval: float = HEAR
         thread.join(timeout=10)
 
 
-def reclaim_dead_trials(study: optuna.Study, journal: bool, now: float | None = None) -> list[int]:
+def reclaim_dead_trials(study: optuna.Study, journal: bool) -> list[int]:
     """Fail the RUNNING trials whose worker is gone (see the module docstring); return their numbers.
 
     With SQLite/PostgreSQL, Optuna's stale-heartbeat check runs first (it also queues one retry of each).
@@ -126,7 +127,7 @@ def reclaim_dead_trials(study: optuna.Study, journal: bool, now: float | None = 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)
-    now = time.time() if now is None else now
+    now = time.time()
     failed: list[int] = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         info = t.user_attrs.get("worker")
