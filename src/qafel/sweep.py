@@ -803,7 +803,8 @@ def _worker(plan: SweepPlan, n_trials: int | None, seed_offset: int, threads: in
             return run_trial(trial, plan)
         except SweepRefused as exc:
             refused.append(exc)
-            trial.study.stop()
+            if not _is_grid(plan):  # Optuna's loop; run_queue asks `stop` itself
+                trial.study.stop()
             raise
 
     if _is_grid(plan):
