@@ -4,6 +4,7 @@
     python run.py algorithm=fedbuff seed=3
     python run.py experiment=paper_logreg
     python run.py experiment=paper_logreg resume=true   # continue the latest such run from its checkpoint
+    python run.py -m algorithm=qafel,fedbuff seed=0,1   # multirun: every job runs; failures reported at the end
 
 Exit codes (each error is one line on stderr, ``error: ...``):
   0  completed
@@ -14,12 +15,15 @@ Exit codes (each error is one line on stderr, ``error: ...``):
      other than run.progress (nothing in the directory is changed)
   5  the output directory is not writable or the disk is full (the records written so far are kept)
   130, 143  stopped by SIGINT (Ctrl-C) or SIGTERM: the records so far and the last checkpoint are kept
+A multirun exits 0 when every job completed, else with the failed jobs' exit code (their common one, else 1)
+after one line per failed job (qafel.multirun).
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -29,12 +33,31 @@ from qafel.api import format_summary, run_experiment
 from qafel.checkpoint import extra_resume_overrides, find_resume_dir, load_run_config, resume_is_dir
 from qafel.compose import hydra_group_default, settle_spellings
 from qafel.errors import EXIT_DIVERGED, QafelError, RunDirError, Terminated
+from qafel.multirun import JobFailed, in_multirun
 from qafel.signals import stop_on_signals
+
+
+def stop(code: int, message: str) -> NoReturn:
+    """Print the one-line error and end the run with ``code`` (in a multirun: end this job only)."""
+    print(f"error: {message}", file=sys.stderr)
+    if in_multirun():
+        raise JobFailed(code, message)
+    sys.exit(code)
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     """Run the composed config; the return value (final accuracy) is what Hydra sweepers read."""
+    try:
+        return run(cfg)
+    except SystemExit as exc:  # a sys.exit(code) would end the whole multirun, not this job
+        if exc.code in (0, None) or not in_multirun():
+            raise
+        raise JobFailed(exc.code if isinstance(exc.code, int) else 1, str(exc.code)) from None
+
+
+def run(cfg: DictConfig) -> float | None:
+    """One run (or a resumed one) of the composed config; stops with the documented exit code on failure."""
     stop_on_signals()
     hc = HydraConfig.get()
     run_dir = Path(cfg.paths.output_dir or hc.runtime.output_dir)
@@ -56,18 +79,15 @@ def main(cfg: DictConfig) -> float | None:
         else:
             summary = run_experiment(cfg, run_dir)
     except QafelError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+        stop(exc.exit_code, str(exc))
     except (KeyboardInterrupt, Terminated) as exc:
         name, code = ("SIGTERM", 143) if isinstance(exc, Terminated) else ("SIGINT", 130)
-        print(f"error: stopped by {name}; the records so far and the last checkpoint are in {run_dir} "
-              f"(continue with resume={run_dir})", file=sys.stderr)
-        sys.exit(code)
+        stop(code, f"stopped by {name}; the records so far and the last checkpoint are in {run_dir} "
+                   f"(continue with resume={run_dir})")
     print(format_summary(summary))
     if summary["status"] == "diverged":
-        print(f"error: the run diverged at server step {summary['diverged_at_step']} (NaN or inf); "
-              f"records kept in {summary['run_dir']}", file=sys.stderr)
-        sys.exit(EXIT_DIVERGED)
+        stop(EXIT_DIVERGED, f"the run diverged at server step {summary['diverged_at_step']} (NaN or inf); "
+                            f"records kept in {summary['run_dir']}")
     return summary.get("final_accuracy")
 
 

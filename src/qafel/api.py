@@ -24,7 +24,7 @@ from qafel.checkpoint import (
 from qafel.clients import BatchedTrainer, ClientTrainer, LocalTraining
 from qafel.config import quantizer_options, validate
 from qafel.data import FederatedData, build_dataset
-from qafel.engine import Engine, EngineSettings
+from qafel.engine import ENGINE_SUMMARY_KEYS, EVAL_SUMMARY_KEYS, Engine, EngineSettings
 from qafel.errors import ConfigError, OutputError, RunDirExistsError
 from qafel.models import FlatModel, build_module
 from qafel.optimum import objective, solve_optimum
@@ -32,6 +32,17 @@ from qafel.quantizers import Quantizer, build_quantizer
 from qafel.system import map_in_threads, resolve_job_threads, tune_malloc
 from qafel.timing import Schedule
 from qafel.tracking import RunRecorder, make_tracker
+
+#: The keys run_experiment adds to the engine's summary.
+RUN_SUMMARY_KEYS = ("skipped_starts", "f_star", "partition", "dataset", "model", "client_quantizer",
+                    "server_quantizer", "seed", "wall_time_s", "resumed", "run_dir", "run_id")
+#: Every key summary.json can hold (EVAL_SUMMARY_KEYS only when the evaluator reports them).
+SUMMARY_KEYS = tuple(dict.fromkeys((*ENGINE_SUMMARY_KEYS, *EVAL_SUMMARY_KEYS, *RUN_SUMMARY_KEYS)))
+#: The summary keys whose values are not numbers (they cannot be sweep objectives).
+TEXT_SUMMARY_KEYS = frozenset({"status", "algorithm", "staleness_histogram", "partition", "dataset", "model",
+                               "client_quantizer", "server_quantizer", "resumed", "run_dir", "run_id"})
+#: The summary keys a sweep objective may name (numbers, or null when not reached).
+NUMERIC_SUMMARY_KEYS = tuple(k for k in SUMMARY_KEYS if k not in TEXT_SUMMARY_KEYS)
 
 
 def build_model(cfg: DictConfig, data: FederatedData) -> FlatModel:

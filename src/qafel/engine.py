@@ -27,6 +27,17 @@ STREAM_CLIENT_TRAIN = 1
 STREAM_CLIENT_QUANT = 2
 STREAM_SERVER_QUANT = 3
 
+#: The keys of ``Engine.summary()``, in order (sweep objectives and tests read this list, so it cannot drift).
+ENGINE_SUMMARY_KEYS = (
+    "status", "algorithm", "final_accuracy", "final_loss", "server_steps", "uploads", "jobs_started",
+    "dropped_updates", "bytes_up", "bytes_broadcast", "bytes_down_naive", "bytes_total", "bytes_up_fp32_equivalent",
+    "bytes_broadcast_fp32_equivalent", "bytes_down_naive_fp32_equivalent", "message_bytes_up",
+    "message_bytes_broadcast", "message_bytes_down_naive", "reduction_vs_fedbuff", "num_parameters",
+    "target_accuracy", "uploads_to_target", "bytes_up_at_target", "bytes_broadcast_at_target", "mean_staleness",
+    "max_staleness_seen", "staleness_histogram", "mean_concurrency", "sim_time", "wall_time_s", "diverged_at_step")
+#: Evaluation keys the summary copies from the last evaluation when the evaluator reports them.
+EVAL_SUMMARY_KEYS = ("suboptimality", "train_objective", "hidden_state_error")
+
 
 @dataclass(frozen=True)
 class EngineSettings:
@@ -460,7 +471,7 @@ class Engine:
             "wall_time_s": time.perf_counter() - self._wall0,
             "diverged_at_step": self.diverged_at,
         }
-        for key in ("suboptimality", "train_objective", "hidden_state_error"):
+        for key in EVAL_SUMMARY_KEYS:
             if key in last:
                 out[key] = last[key]
         return out

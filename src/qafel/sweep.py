@@ -27,20 +27,31 @@ A sweep file (``sweeps/*.yaml``)::
       smoke: {n_trials: 3, overrides: [run.server_steps=10], params: {...}}
 
 Trials run in ``<sweep dir>/trials/NNNN/`` (``outputs/sweeps/<study>/`` by default) with the same run function
-as ``run.py``; the study lives in ``<sweep dir>/study.db`` unless ``--storage`` names another. Rerunning the
-same command resumes the study and adds trials. After the trials the sweep writes ``trials.csv``, and
-``pareto.csv`` + ``pareto.png`` (several objectives) or ``best.yaml`` (one objective).
+as ``run.py``; the study lives in ``<sweep dir>/study.db`` unless ``--storage`` (or the environment variable
+``QAFEL_STORAGE``, which keeps a password off the command line) names another. Rerunning the same command
+resumes the study and adds trials; a grid runs every point that has no COMPLETE or PRUNED trial, after failing
+the RUNNING trials of workers that are gone (``qafel.sweep_runtime``). After the trials the sweep writes
+``trials.csv``, and ``pareto.csv`` + ``pareto.png`` (several objectives) or ``best.yaml`` (one objective).
+``sweep.json`` records which study the sweep directory belongs to.
+
+Exit codes: 0 done (trials may have failed or been pruned: see trials.csv); 2 bad sweep file, option, override
+or storage (one line naming it); 4 refused: the sweep directory or study name belongs to another sweep (one
+line saying which --sweep-dir or --study-name to use); 130 / 143 interrupted by SIGINT / SIGTERM (the running
+trials are failed, finished ones kept: rerun the same command to resume).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import multiprocessing
 import os
 import shlex
+import signal
 import sys
+import time
 import traceback
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -55,6 +66,20 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 import qafel
 from qafel.compose import compose, config_dir, override_key
 from qafel.errors import ConfigError
+from qafel.sweep_runtime import (
+    GRACE_S,
+    HEARTBEAT_S,
+    Interrupted,
+    die_with_parent,
+    grid_points,
+    journal_heartbeat,
+    prepare_grid,
+    reclaim_dead_trials,
+    run_queue,
+    sigterm_interrupts,
+    worker_identity,
+)
+from qafel.tracking import hide_passwords, redacted_argv
 
 SAMPLERS = ("tpe", "nsga2", "random", "grid")
 PRUNERS = ("none", "median", "percentile", "hyperband", "successive_halving", "threshold", "patient")
@@ -62,13 +87,24 @@ PARAM_TYPES = ("categorical", "int", "float")
 SPEC_KEYS = ("name", "description", "base", "params", "objectives", "sampler", "pruner", "n_trials", "sizes")
 SIZE_KEYS = ("n_trials", "overrides", "params", "sampler", "pruner")
 #: Summary keys recorded with every trial (user attr ``summary``) and written to trials.csv.
-SUMMARY_KEYS = ("status", "final_accuracy", "final_loss", "bytes_up", "bytes_broadcast", "bytes_down_naive",
-                "bytes_total", "uploads_to_target", "server_steps", "uploads", "mean_staleness", "wall_time_s",
-                "diverged_at_step")
+TRIAL_SUMMARY_KEYS = ("status", "final_accuracy", "final_loss", "bytes_up", "bytes_broadcast", "bytes_down_naive",
+                      "bytes_total", "uploads_to_target", "server_steps", "uploads", "mean_staleness", "wall_time_s",
+                      "diverged_at_step")
+
+
+#: qafel-sweep's exit codes (README "Sweeps"): bad input, and a refusal to mix two sweeps' records.
+EXIT_BAD_INPUT = 2
+EXIT_REFUSED = 4
+#: In a sweep directory: which study its records belong to.
+OWNER_FILE = "sweep.json"
 
 
 class SweepError(RuntimeError):
     """The sweep cannot run (storage, study or config directory problem); the message says why."""
+
+
+class SweepRefused(SweepError):
+    """Running would mix this sweep's records with another's (sweep directory, study name); exit 4."""
 
 
 # ------------------------------------------------------------------------------------------------ spec
@@ -240,6 +276,12 @@ def _parse_objective(i: int, raw: Any) -> Objective:
     metrics = [m.strip() for m in metric.split("+")] if isinstance(metric, str) else metric
     if not isinstance(metrics, list) or not metrics or not all(isinstance(m, str) and m for m in metrics):
         raise ConfigError(f"{where}.metric", metric, "must be a summary key, or keys joined by + (or a list)")
+    from qafel.api import NUMERIC_SUMMARY_KEYS  # the keys summary.json holds, as the run function writes them
+
+    for m in metrics:
+        if m not in NUMERIC_SUMMARY_KEYS:
+            raise ConfigError(f"{where}.metric", metric, f"{m!r} is not a numeric summary.json key; allowed: "
+                              f"{', '.join(NUMERIC_SUMMARY_KEYS)}")
     direction = raw.get("direction", "maximize" if metrics == ["final_accuracy"] else "minimize")
     if direction not in ("maximize", "minimize"):
         raise ConfigError(f"{where}.direction", direction, "must be one of maximize, minimize")
@@ -444,14 +486,24 @@ def run_trial(trial: optuna.Trial, plan: SweepPlan) -> float | list[float]:
 
     A diverged run, or a null or non-finite objective, raises TrialPruned with the reason in the user attr
     ``reason``; any other exception is recorded the same way and re-raised (Optuna marks the trial failed).
+    An existing trial directory is never written to: the trial fails with SweepRefused.
     """
     from qafel.api import run_experiment
 
+    trial.set_user_attr("worker", worker_identity())  # tells a dead worker's RUNNING trial from a live one
+    for stale in ("reason", "summary", "heartbeat"):  # a heartbeat retry copies the failed trial's attrs
+        if trial.user_attrs.get(stale) is not None:
+            trial.set_user_attr(stale, None)
     params = sample_params(trial, plan.params, plan.context)
     overrides = merge_overrides(plan.overrides, [f"{k}={format_value(v)}" for k, v in params.items()])
     run_dir = plan.sweep_dir / "trials" / f"{trial.number:04d}"
     trial.set_user_attr("overrides", overrides)
     trial.set_user_attr("run_dir", str(run_dir))
+    if run_dir.exists():
+        reason = (f"{run_dir} already exists (records of another study or run; left as they are): "
+                  "use another --sweep-dir")
+        trial.set_user_attr("reason", reason)
+        raise SweepRefused(reason)
     try:
         cfg = compose_config(overrides, plan.conf)
         if cfg.tracking.get("backend") == "wandb":
@@ -459,17 +511,22 @@ def run_trial(trial: optuna.Trial, plan: SweepPlan) -> float | list[float]:
                 cfg.tracking.group = plan.study_name
                 cfg.tracking.name = f"{plan.study_name}-{trial.number:04d}"
                 cfg.tracking.tags = [*list(cfg.tracking.get("tags") or []), "sweep", plan.study_name]
-        summary = run_experiment(cfg, run_dir, on_eval=_pruning_hook(trial, plan))
+        with journal_heartbeat(trial, enabled=plan.storage.startswith("journal:")):
+            summary = run_experiment(cfg, run_dir, on_eval=_pruning_hook(trial, plan))
     except optuna.TrialPruned:
         _close_wandb_run("pruned")
         raise
     except Exception as exc:
-        trial.set_user_attr("reason", f"{type(exc).__name__}: {exc}")
+        trial.set_user_attr("reason", hide_passwords(f"{type(exc).__name__}: {exc}"))
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "traceback.txt").write_text(traceback.format_exc())
+        (run_dir / "traceback.txt").write_text(hide_passwords(traceback.format_exc()))
         _close_wandb_run("failed")
         raise
-    trial.set_user_attr("summary", {k: _finite(summary.get(k)) for k in SUMMARY_KEYS})
+    except KeyboardInterrupt as exc:
+        trial.set_user_attr("reason", f"interrupted ({exc.args[0] if isinstance(exc, Interrupted) else 'SIGINT'})")
+        _close_wandb_run("failed")
+        raise
+    trial.set_user_attr("summary", {k: _finite(summary.get(k)) for k in TRIAL_SUMMARY_KEYS})
     if summary.get("status") == "diverged":
         reason = f"diverged at server step {summary.get('diverged_at_step')} (non-finite model or loss)"
         trial.set_user_attr("reason", reason)
@@ -533,7 +590,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             # heartbeats: a trial whose process died (killed machine) is failed after grace_period and rerun once
             return optuna.storages.RDBStorage(
-                _with_driver(url), engine_kwargs=engine_kwargs, heartbeat_interval=60, grace_period=180,
+                _with_driver(url), engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
     except ImportError as exc:
         raise SweepError(f"storage {redact(url)}: the database driver is missing ({exc}); for PostgreSQL: "
@@ -601,21 +658,88 @@ def make_pruner(spec: SweepSpec) -> optuna.pruners.BasePruner:
         raise ConfigError("pruner", spec.pruner, str(exc)) from None
 
 
+def spec_fingerprint(spec: SweepSpec) -> dict[str, Any]:
+    """What makes a study's trials comparable: base overrides, search space, objectives, sampler and pruner
+    (not the sweep file's path, description, n_trials or sizes), as plain JSON values."""
+    data = {"base": spec.base, "params": {p.name: _param_raw(p) for p in spec.params},
+            "objectives": [{"metrics": o.metrics, "direction": o.direction, "name": o.name, "missing": o.missing}
+                           for o in spec.objectives],
+            "sampler": spec.sampler, "pruner": spec.pruner}
+    return json.loads(json.dumps(data, default=str))
+
+
+def _check_same_sweep(study: optuna.study.FrozenStudy, plan: SweepPlan) -> None:
+    """Refuse a study that was created from another sweep spec or with other objectives' directions."""
+    where = f"study {plan.study_name!r} in {redact(plan.storage)}"
+    theirs = [d.name.lower() for d in study.directions]
+    ours = [o.direction for o in plan.spec.objectives]
+    if theirs != ours:
+        raise SweepRefused(f"{where} has directions {theirs}, this sweep {ours}: use another --study-name")
+    saved = study.user_attrs.get("spec")
+    mine = spec_fingerprint(plan.spec)
+    if saved is not None and saved != mine:
+        diff = ", ".join(k for k in mine if saved.get(k) != mine[k])
+        raise SweepRefused(f"{where} was made from another sweep ({study.user_attrs.get('sweep')}; this one, "
+                           f"{plan.spec.source}, differs in {diff}): use another --study-name")
+
+
+def _owner_record(plan: SweepPlan) -> dict[str, Any]:
+    default = plan.storage == storage_url(None, plan.sweep_dir)
+    return {"study": plan.study_name, "storage": None if default else redact(plan.storage),
+            "sweep": plan.spec.source}
+
+
+def check_sweep_dir(plan: SweepPlan, count_trials: Callable[[], int]) -> None:
+    """Refuse a sweep directory that holds another study's records: its ``sweep.json`` names another study
+    (or storage), or ``trials/`` holds a folder with a number this study has not reached."""
+    owner = plan.sweep_dir / OWNER_FILE
+    mine = _owner_record(plan)
+    if owner.is_file():
+        try:
+            theirs = json.loads(owner.read_text())
+        except (OSError, ValueError):
+            raise SweepRefused(f"{owner} is not a qafel sweep record (unreadable JSON): use another "
+                               "--sweep-dir") from None
+        if (theirs.get("study"), theirs.get("storage")) != (mine["study"], mine["storage"]):
+            store = f" in {theirs['storage']}" if theirs.get("storage") else ""
+            raise SweepRefused(f"{plan.sweep_dir} holds study {theirs.get('study')!r}{store}: use another --sweep-dir "
+                               f"for study {plan.study_name!r}, or --study-name {theirs.get('study')} (with its "
+                               "storage) to resume that one")
+    # listed before the study's trials are counted: a live worker may add a trial and its folder meanwhile
+    folders = sorted(d for d in (plan.sweep_dir / "trials").glob("*") if d.is_dir())
+    if folders:
+        n = count_trials()
+        for d in folders:
+            if not (d.name.isdigit() and int(d.name) < n) and any(d.iterdir()):
+                raise SweepRefused(f"{d} holds records that study {plan.study_name!r} did not write (it has {n} "
+                                   "trials): use another --sweep-dir")
+
+
+def _write_owner(plan: SweepPlan) -> None:
+    owner = plan.sweep_dir / OWNER_FILE
+    if not owner.exists():
+        tmp = owner.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(_owner_record(plan), indent=2) + "\n")
+        os.replace(tmp, owner)
+
+
 def create_or_load_study(plan: SweepPlan) -> optuna.Study:
-    """Create the study in its storage, or load it to resume (its directions must match the sweep's)."""
+    """Create the study in its storage, or load it to resume; refuse (SweepRefused, before writing anything) a
+    study made from another sweep spec, and a sweep directory that holds another study's records."""
     storage = open_storage(plan.storage)
+    existing = next((s for s in storage.get_all_studies() if s.study_name == plan.study_name), None)
+    if existing is not None:
+        _check_same_sweep(existing, plan)
+
+    def count_trials() -> int:
+        if existing is None:
+            return 0
+        return len(optuna.load_study(study_name=plan.study_name, storage=storage).get_trials(deepcopy=False))
+
+    check_sweep_dir(plan, count_trials)
     directions = [o.direction for o in plan.spec.objectives]
-    try:
-        study = optuna.create_study(storage=storage, study_name=plan.study_name, directions=directions,
-                                    load_if_exists=True, sampler=make_sampler(plan.spec),
-                                    pruner=make_pruner(plan.spec))
-    except ValueError as exc:
-        raise SweepError(f"study {plan.study_name} in {redact(plan.storage)} does not match this sweep ({exc}); "
-                         "use another --study-name") from None
-    existing = [d.name.lower() for d in study.directions]
-    if existing != directions:
-        raise SweepError(f"study {plan.study_name} has directions {existing}, this sweep {directions}: "
-                         "use another --study-name")
+    study = optuna.create_study(storage=storage, study_name=plan.study_name, directions=directions,
+                                load_if_exists=True, sampler=make_sampler(plan.spec), pruner=make_pruner(plan.spec))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names([o.name for o in plan.spec.objectives])
@@ -623,23 +747,22 @@ def create_or_load_study(plan: SweepPlan) -> optuna.Study:
         study.set_user_attr("sweep", plan.spec.source)
         study.set_user_attr("objectives", [{"name": o.name, "metrics": o.metrics, "direction": o.direction}
                                            for o in plan.spec.objectives])
+    if "spec" not in study.user_attrs:
+        study.set_user_attr("spec", spec_fingerprint(plan.spec))
+    _write_owner(plan)
     return study
 
 
-def remaining_grid(study: optuna.Study, plan: SweepPlan) -> int | None:
-    """Grid points not yet started (GridSampler); None where the count is not known in advance."""
-    if plan.spec.sampler["name"] != "grid" or plan.spec.conditional:
-        return None
-    space = {p.name: p.grid() for p in plan.params}
-    size = math.prod(len(v) for v in space.values())
-    started = {t.system_attrs["grid_id"] for t in study.get_trials(deepcopy=False)
-               if t.state != optuna.trial.TrialState.WAITING and "grid_id" in t.system_attrs
-               and t.system_attrs.get("search_space") == space}
-    return max(0, size - len(started))
+def _is_grid(plan: SweepPlan) -> bool:
+    return plan.spec.sampler["name"] == "grid"
 
 
 def _worker(plan: SweepPlan, n_trials: int | None, seed_offset: int, threads: int | None = None) -> None:
-    """Run ``n_trials`` trials (None: until the grid is done) of the plan's study in this process."""
+    """Run ``n_trials`` trials (None: until the grid is done) of the plan's study in this process.
+
+    A grid runs the trials ``prepare_grid`` queued (every parameter fixed, so the sampler is never asked); other
+    samplers run Optuna's loop. A SweepRefused in a trial stops the worker and is raised.
+    """
     if threads:
         import torch
 
@@ -648,23 +771,47 @@ def _worker(plan: SweepPlan, n_trials: int | None, seed_offset: int, threads: in
         torch.set_num_threads(threads)
         set_core_budget(threads)  # run.job_threads=null then plans for this worker's share of the cores
     spec = replace(plan.spec, params=plan.params)
-    study = optuna.load_study(study_name=plan.study_name, storage=open_storage(plan.storage),
-                              sampler=make_sampler(spec, seed_offset), pruner=make_pruner(spec))
-    study.optimize(lambda trial: run_trial(trial, plan), n_trials=n_trials, catch=(Exception,), gc_after_trial=True)
+    sampler = optuna.samplers.RandomSampler() if _is_grid(plan) else make_sampler(spec, seed_offset)
+    study = optuna.load_study(study_name=plan.study_name, storage=open_storage(plan.storage), sampler=sampler,
+                              pruner=make_pruner(spec))
+    refused: list[SweepRefused] = []
+
+    def objective(trial: optuna.Trial) -> float | list[float]:
+        try:
+            return run_trial(trial, plan)
+        except SweepRefused as exc:
+            refused.append(exc)
+            if not _is_grid(plan):  # Optuna's loop; run_queue asks `stop` itself
+                trial.study.stop()
+            raise
+
+    if _is_grid(plan):
+        run_queue(study, grid_points(plan.params, plan.context), objective, n_trials, stop=lambda: bool(refused))
+    else:
+        study.optimize(objective, n_trials=n_trials, catch=(Exception,), gc_after_trial=True)
+    if refused:
+        raise refused[0]
 
 
-def _spawn_worker(plan: SweepPlan, n_trials: int | None, seed_offset: int, threads: int) -> None:
-    try:
-        _worker(plan, n_trials, seed_offset, threads)
-    except KeyboardInterrupt:
-        sys.exit(130)
+def _spawn_worker(plan: SweepPlan, n_trials: int | None, seed_offset: int, threads: int, parent: int) -> None:
+    """A worker process: stops with its parent (even one killed by SIGKILL); SIGTERM fails the running trial."""
+    die_with_parent(parent)
+    with sigterm_interrupts():
+        try:
+            _worker(plan, n_trials, seed_offset, threads)
+        except KeyboardInterrupt:
+            sys.exit(130)
+        except SweepRefused as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(EXIT_REFUSED)
 
 
-def run_workers(plan: SweepPlan, n_trials: int | None, workers: int, seed_offset: int) -> int:
-    """Run the trials in this process (one worker) or in ``workers`` spawned processes; the number that failed."""
+def run_workers(plan: SweepPlan, n_trials: int | None, workers: int, seed_offset: int) -> list[int]:
+    """Run the trials in this process (one worker) or in ``workers`` spawned processes; the failed ones' exit
+    codes. Interrupted (SIGINT, SIGTERM), the workers get 30 s to fail their trials, then SIGTERM, then SIGKILL."""
     if workers <= 1:
         _worker(plan, n_trials, seed_offset)
-        return 0
+        return []
     shares: list[int | None]
     if n_trials is None:
         shares = [None] * workers
@@ -672,18 +819,32 @@ def run_workers(plan: SweepPlan, n_trials: int | None, workers: int, seed_offset
         shares = [s for s in (n_trials // workers + (i < n_trials % workers) for i in range(workers)) if s > 0]
     threads = max(1, (os.cpu_count() or 1) // len(shares))
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_spawn_worker, args=(plan, share, seed_offset + 7919 * (i + 1), threads),
+    procs = [ctx.Process(target=_spawn_worker, args=(plan, share, seed_offset + 7919 * (i + 1), threads, os.getpid()),
                          name=f"qafel-sweep-worker-{i}") for i, share in enumerate(shares)]
     for p in procs:
         p.start()
     try:
         for p in procs:
             p.join()
-    except KeyboardInterrupt:
-        for p in procs:
-            p.join(timeout=30)
+    except KeyboardInterrupt as exc:
+        _stop_workers(procs, signalled=not isinstance(exc, Interrupted))
         raise
-    return sum(p.exitcode != 0 for p in procs)
+    return [p.exitcode for p in procs if p.exitcode != 0]
+
+
+def _stop_workers(procs: list[multiprocessing.process.BaseProcess], signalled: bool) -> None:
+    """Stop interrupted workers: a terminal's Ctrl-C reached them too (wait), a SIGTERM only this process."""
+    deadline = time.monotonic() + (30 if signalled else 0)
+    for p in procs:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        p.join(timeout=10)
+        if p.is_alive():
+            p.kill()
+            p.join()
 
 
 # ------------------------------------------------------------------------------------------- outputs
@@ -696,7 +857,7 @@ def _trial_row(t: optuna.trial.FrozenTrial, spec: SweepSpec) -> dict[str, Any]:
         row[f"params_{p.name}"] = t.params.get(p.name)
     for extra in sorted(set(t.params) - {p.name for p in spec.params}):
         row[f"params_{extra}"] = t.params[extra]
-    for key in SUMMARY_KEYS:
+    for key in TRIAL_SUMMARY_KEYS:
         if key not in row:
             row[key] = summary.get(key)
     row["duration_s"] = (t.datetime_complete - t.datetime_start).total_seconds() if (
@@ -833,14 +994,15 @@ def log_sweep_to_wandb(study: optuna.Study, plan: SweepPlan, written: Mapping[st
         mode = os.environ.get("WANDB_MODE", cfg.get("mode", "offline"))
         rows = [_trial_row(t, plan.spec) for t in study.get_trials(deepcopy=False)]
         columns = _columns(rows, ["number", "state"])
-        run = wandb.init(project=cfg.get("project", "qafel"), entity=cfg.get("entity"), group=plan.study_name,
-                         name=f"{plan.study_name}-summary", job_type="sweep-summary",
-                         tags=[*list(cfg.get("tags") or []), "sweep", "sweep-summary"],
-                         config={"study": plan.study_name, "storage": redact(plan.storage),
-                                 "sweep": plan.spec.source, "overrides": plan.overrides,
-                                 "objectives": [o.name for o in plan.spec.objectives]},
-                         dir=str(plan.sweep_dir), mode=mode, reinit="finish_previous",
-                         settings=wandb.Settings(silent=True, init_timeout=60))
+        with redacted_argv():  # W&B records the command line (--storage URL) as the run's args
+            run = wandb.init(project=cfg.get("project", "qafel"), entity=cfg.get("entity"), group=plan.study_name,
+                             name=f"{plan.study_name}-summary", job_type="sweep-summary",
+                             tags=[*list(cfg.get("tags") or []), "sweep", "sweep-summary"],
+                             config={"study": plan.study_name, "storage": redact(plan.storage),
+                                     "sweep": plan.spec.source, "overrides": plan.overrides,
+                                     "objectives": [o.name for o in plan.spec.objectives]},
+                             dir=str(plan.sweep_dir), mode=mode, reinit="finish_previous",
+                             settings=wandb.Settings(silent=True, init_timeout=60))
         table = wandb.Table(columns=columns, data=[[_table_cell(r.get(c)) for c in columns] for r in rows])
         payload: dict[str, Any] = {"trials": table}
         if "pareto.png" in written:
@@ -867,7 +1029,9 @@ def run_sweep(sweep: str | Path | SweepSpec, *, n_trials: int | None = None, stu
     """Run (or resume) a sweep; return the study and the output files written.
 
     ``n_trials`` trials are added per call (default: the sweep file's, or the grid points not yet run),
-    split over ``workers`` processes on the same storage.
+    split over ``workers`` processes on the same storage (``storage`` default: ``QAFEL_STORAGE``, else SQLite in
+    the sweep directory). A grid reruns every point that has no COMPLETE or PRUNED trial, after failing the
+    RUNNING trials of workers that are gone (``reclaim_dead_trials``).
     """
     spec = sweep if isinstance(sweep, SweepSpec) else load_spec(sweep, size)
     if isinstance(sweep, SweepSpec) and size:
@@ -878,26 +1042,22 @@ def run_sweep(sweep: str | Path | SweepSpec, *, n_trials: int | None = None, stu
         raise ConfigError("--n-trials", n_trials, "must be an integer >= 0")
     name = study_name or (f"{spec.name}-{size}" if size else spec.name)
     out = Path(sweep_dir) if sweep_dir else Path("outputs") / "sweeps" / name
+    n = n_trials if n_trials is not None else spec.n_trials
+    if n is None and spec.sampler["name"] != "grid":
+        raise ConfigError("n_trials", None, "set n_trials in the sweep file or pass --n-trials")
     conf = config_dir()
     all_overrides = merge_overrides(spec.base, overrides)
     base_cfg = _base_config(all_overrides, conf)
-    out.mkdir(parents=True, exist_ok=True)
-    plan = SweepPlan(spec=spec, study_name=name, storage=storage_url(storage, out), sweep_dir=out.resolve(),
-                     overrides=all_overrides, conf=conf, pinned=[override_key(o) for o in overrides],
-                     context=_context(base_cfg, spec, all_overrides),
+    plan = SweepPlan(spec=spec, study_name=name, storage=storage_url(storage or os.environ.get("QAFEL_STORAGE"), out),
+                     sweep_dir=out.resolve(), overrides=all_overrides, conf=conf,
+                     pinned=[override_key(o) for o in overrides], context=_context(base_cfg, spec, all_overrides),
                      wandb=base_cfg.tracking.get("backend") == "wandb")
     check_params_take_effect(plan)
+    out.mkdir(parents=True, exist_ok=True)
     study = create_or_load_study(plan)
     before = len(study.trials)
-    n = n_trials if n_trials is not None else spec.n_trials
-    left = remaining_grid(study, plan)
-    if left is not None:
-        n = left if n is None else min(n, left)
-    elif n is None and spec.sampler["name"] != "grid":
-        raise ConfigError("n_trials", None, "set n_trials in the sweep file or pass --n-trials")
-    print(f"study {name} in {redact(plan.storage)}: {before} trials so far; adding "
-          f"{'the rest of the grid' if n is None else n} with {workers} worker(s)", file=sys.stderr)
-    failed_workers = 0
+    n = _plan_trials(study, plan, n, workers)
+    failed_workers: list[int] = []
     if n is None or n > 0:
         try:
             failed_workers = run_workers(plan, n, workers, seed_offset=before)
@@ -907,10 +1067,39 @@ def run_sweep(sweep: str | Path | SweepSpec, *, n_trials: int | None = None, stu
     written = write_outputs(study, plan)
     if plan.wandb:
         log_sweep_to_wandb(study, plan, written)
+    if EXIT_REFUSED in failed_workers:
+        raise SweepRefused("a worker refused to write into a trial directory (see above); the study keeps its "
+                           "finished trials")
     if failed_workers:
-        raise SweepError(f"{failed_workers} worker process(es) exited with an error (see above); the study keeps "
+        raise SweepError(f"{len(failed_workers)} worker process(es) exited with an error (see above); the study keeps "
                          "their finished trials: rerun the same command to resume")
     return study, written
+
+
+def _plan_trials(study: optuna.Study, plan: SweepPlan, n: int | None, workers: int) -> int | None:
+    """Fail the trials of dead workers, queue a grid's missing points, say what this command adds; the number of
+    trials to run (None: until the grid is done)."""
+    where = f"study {plan.study_name} in {redact(plan.storage)}"
+    before = len(study.get_trials(deepcopy=False))
+    dead = reclaim_dead_trials(study, journal=plan.storage.startswith("journal:"))
+    if dead:
+        print(f"{where}: trial(s) {', '.join(map(str, dead))} failed (their worker is gone); their grid points "
+              "run again", file=sys.stderr)
+    if not _is_grid(plan):
+        print(f"{where}: {before} trials so far; adding {n} with {workers} worker(s)", file=sys.stderr)
+        return n
+    grid = prepare_grid(study, grid_points(plan.params, plan.context), n, plan.spec.sampler.get("seed"))
+    n = grid.to_run if n is None else min(n, grid.to_run)
+    status = f"grid of {grid.points} points: {grid.done} done" + (
+        f", {grid.running} running in other workers" if grid.running else "")
+    if grid.done == grid.points:
+        print(f"{where}: the grid is complete ({grid.points} points done, {before} trials); nothing to add",
+              file=sys.stderr)
+    elif n == 0:
+        print(f"{where}: {status}; nothing to add now (rerun when they finish)", file=sys.stderr)
+    else:
+        print(f"{where}: {before} trials so far; {status}; adding {n} with {workers} worker(s)", file=sys.stderr)
+    return n
 
 
 def _compose_checked(overrides: Sequence[str], conf: Path, blame: Sequence[str]) -> DictConfig:
@@ -1027,7 +1216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study-name", default=None, help="study name (default: the sweep's name, -SIZE with --size)")
     p.add_argument("--storage", default=None,
                    help="Optuna storage URL: sqlite:///f.db, postgresql://user:pw@host/db, journal:PATH "
-                        "(default: sqlite in the sweep directory)")
+                        "(default: the environment variable QAFEL_STORAGE, else sqlite in the sweep directory)")
     p.add_argument("--workers", type=int, default=1, help="local worker processes on the same storage")
     p.add_argument("--size", default=None, help="a size from the sweep file's sizes (e.g. smoke)")
     p.add_argument("--sweep-dir", default=None, help="output directory (default: outputs/sweeps/STUDY)")
@@ -1035,18 +1224,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point ``qafel-sweep``; returns the exit status."""
+    """Console entry point ``qafel-sweep``; returns the exit status (README "Sweeps": 0, 2, 4, 130, 143)."""
     args = build_parser().parse_intermixed_args(argv)
     try:
-        study, written = run_sweep(args.sweep, n_trials=args.n_trials, study_name=args.study_name,
-                                   storage=args.storage, workers=args.workers, overrides=args.overrides,
-                                   size=args.size, sweep_dir=args.sweep_dir)
+        with sigterm_interrupts():
+            study, written = run_sweep(args.sweep, n_trials=args.n_trials, study_name=args.study_name,
+                                       storage=args.storage, workers=args.workers, overrides=args.overrides,
+                                       size=args.size, sweep_dir=args.sweep_dir)
+    except SweepRefused as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
     except (ConfigError, SweepError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt as exc:
         print("interrupted: finished trials are stored; rerun the same command to resume", file=sys.stderr)
-        return 130
+        return 128 + (exc.signum if isinstance(exc, Interrupted) else signal.SIGINT)
     print(summarize(study, written))
     return 0
 

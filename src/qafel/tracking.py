@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import sys
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
@@ -17,6 +19,26 @@ from typing import Any
 from qafel.checkpoint import remove_quietly
 from qafel.errors import OutputError
 from qafel.signals import deferred_signals
+
+# scheme://user:PASSWORD@host and libpq's password=PASSWORD
+_PASSWORDS = re.compile(r"(?P<head>\b[A-Za-z][\w+.-]*://[^/\s:@]*:)[^@\s]+@|(?P<kv>\bpassword=)[^\s&;]+")
+
+
+def hide_passwords(text: str) -> str:
+    """The text with the password of every URL (``postgresql://user:***@host``) and ``password=`` hidden."""
+    return _PASSWORDS.sub(lambda m: f"{m['head']}***@" if m["head"] else f"{m['kv']}***", text)
+
+
+@contextmanager
+def redacted_argv() -> Iterator[None]:
+    """``sys.argv`` with passwords hidden while the block runs: ``wandb.init`` records the command line as the
+    run's ``args`` (its metadata), and a ``--storage`` URL may hold one."""
+    saved = list(sys.argv)
+    sys.argv[:] = [hide_passwords(a) for a in saved]
+    try:
+        yield
+    finally:
+        sys.argv[:] = saved
 
 
 def _jsonable(value: Any) -> Any:
@@ -89,10 +111,11 @@ class WandbTracker:
             import wandb
 
             mode = os.environ.get("WANDB_MODE", cfg.get("mode", "offline"))
-            self.run = wandb.init(project=cfg.get("project", "qafel"), entity=cfg.get("entity"),
-                                  group=cfg.get("group"), name=cfg.get("name"), tags=list(cfg.get("tags") or []),
-                                  config=config, dir=str(run_dir), mode=mode, reinit="finish_previous",
-                                  settings=wandb.Settings(silent=True, init_timeout=60))
+            with redacted_argv():
+                self.run = wandb.init(project=cfg.get("project", "qafel"), entity=cfg.get("entity"),
+                                      group=cfg.get("group"), name=cfg.get("name"), tags=list(cfg.get("tags") or []),
+                                      config=config, dir=str(run_dir), mode=mode, reinit="finish_previous",
+                                      settings=wandb.Settings(silent=True, init_timeout=60))
         except Exception as exc:  # noqa: BLE001 - tracking must never stop a run
             warnings.warn(f"W&B tracking disabled ({type(exc).__name__}: {exc}); local records are kept",
                           stacklevel=2)
