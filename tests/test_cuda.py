@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import FAST, compose_cfg
@@ -80,3 +82,27 @@ def test_batched_cnn_on_cuda_is_independent_of_the_batch_layout():
     halves = torch.cat([trainer.train(starts[:6], clients[:6], seeds[:6]),
                         trainer.train(starts[6:], clients[6:], seeds[6:])])
     torch.testing.assert_close(halves, together, rtol=1e-5, atol=1e-6)
+
+
+
+def test_a_cuda_run_resumed_from_its_checkpoint_equals_an_uninterrupted_one(tmp_path):
+    """Checkpoints are read onto the CPU; the resumed engine moves its state back to the GPU."""
+    from qafel.api import run_experiment
+
+    cfg = (*FAST, "device=cuda", "dataset.num_clients=20", "run.server_steps=40", "run.eval_every=10",
+           "run.checkpoint_every=20", "server.optimizer=adam", "server.lr=0.01")
+
+    class Crash(Exception):
+        pass
+
+    def crash(record):
+        if record["server_step"] == 30:
+            raise Crash
+
+    run_experiment(compose_cfg(*cfg), tmp_path / "full")
+    with pytest.raises(Crash):
+        run_experiment(compose_cfg(*cfg), tmp_path / "part", on_eval=crash)
+    run_experiment(compose_cfg(*cfg), tmp_path / "part", resume=True)
+    lines = [(tmp_path / d / "metrics.jsonl").read_text().splitlines() for d in ("full", "part")]
+    strip = [[{k: v for k, v in json.loads(x).items() if k != "wall_time_s"} for x in ls] for ls in lines]
+    assert strip[0] == strip[1]

@@ -210,3 +210,12 @@ def test_with_max_staleness_uploads_and_bytes_at_target_count_the_same_uploads(t
     assert s["bytes_up_at_target"] == s["uploads_to_target"] * s["message_bytes_up"]  # fixed-size QSGD uploads
     from qafel.report import uploads_to_target
     assert uploads_to_target([hit], 10, 0.5).uploads == s["uploads_to_target"]  # the report reads them alike
+
+
+def test_the_record_keys_list_every_key_an_evaluation_writes(tmp_path):
+    from qafel.engine import RECORD_KEYS
+
+    run_experiment(compose_cfg(*FAST, "model=logreg", "run.server_steps=10", "run.eval_every=5",
+                               "run.compute_optimum=true"), tmp_path)
+    keys = set().union(*(json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()))
+    assert keys == set(RECORD_KEYS)

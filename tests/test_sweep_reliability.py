@@ -407,6 +407,8 @@ BAD = [
     ("grid float without a step", lambda f: [_sweep_file(f / "x", params={"client.lr": {"low": 0.1, "high": 1.0}})],
      2, "error: params.client.lr.step=None: the grid sampler needs a step"),
     ("unknown sweep key", lambda f: [_sweep_file(f / "x", bogus=1)], 2, "error: bogus=1: unknown key"),
+    ("unknown pruner metric", lambda f: [_sweep_file(f / "x", pruner={"name": "median", "metric": "acc"})], 2,
+     "error: pruner.metric='acc': not a key of the evaluation records; one of uploads, sim_time, accuracy"),
     ("no n_trials for a sampler", lambda f: [_sweep_file(f / "x", sampler="random")], 2, "error: n_trials=None"),
     ("bad override", lambda f: [_sweep_file(f / "x"), "algorithm.buffer_size=0"], 2,
      "error: algorithm.buffer_size=0: must be an integer >= 1"),
@@ -492,3 +494,18 @@ def test_a_trial_never_writes_into_an_existing_folder(tmp_path: Path, monkeypatc
     assert (out / "trials" / "0001" / "metrics.jsonl").read_text() == "another run's records\n"
     assert sorted(p.name for p in (out / "trials" / "0001").iterdir()) == ["metrics.jsonl"]
     assert yaml.safe_load((out / OWNER_FILE).read_text())["study"] == "g"
+
+
+def test_a_rerun_with_other_overrides_is_refused_instead_of_joining_the_study(tmp_path: Path, capsys) -> None:
+    """The trials of one study share their config: a rerun with seed=1 would be reported as the complete grid."""
+    sweep = write_sweep(tmp_path, "seeded", params={"client.lr": [0.1, 0.2]}, sampler="grid")
+    out = tmp_path / "out"
+    assert main([str(sweep), "--sweep-dir", str(out)]) == 0
+    assert main([str(sweep), "--sweep-dir", str(out), "tracking=none"]) == 0  # bookkeeping keys may differ
+    before = snapshot(out)
+    capsys.readouterr()
+    assert main([str(sweep), "--sweep-dir", str(out), "seed=1"]) == 4
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "seed=0" in errors[0] and "seed=1" in errors[0], errors
+    assert snapshot(out) == before
+    assert len(study_of(out, "seeded").trials) == 2

@@ -18,6 +18,7 @@ import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from qafel.compose import override_key
 from qafel.errors import CheckpointError, OutputError
 from qafel.signals import deferred_signals
 
@@ -169,7 +170,7 @@ def resume_is_dir(resume: Any) -> bool:
 
 def extra_resume_overrides(overrides: list[str]) -> list[str]:
     """The command-line overrides that resume=RUN_DIR cannot apply (all but ``RESUME_OVERRIDES``)."""
-    return [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in RESUME_OVERRIDES]
+    return [o for o in overrides if override_key(o) not in RESUME_OVERRIDES]
 
 
 def find_resume_dir(resume: Any, cfg: DictConfig, output_dir: Path) -> Path:

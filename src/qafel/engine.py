@@ -37,6 +37,10 @@ ENGINE_SUMMARY_KEYS = (
     "max_staleness_seen", "staleness_histogram", "mean_concurrency", "sim_time", "wall_time_s", "diverged_at_step")
 #: Evaluation keys the summary copies from the last evaluation when the evaluator reports them.
 EVAL_SUMMARY_KEYS = ("suboptimality", "train_objective", "hidden_state_error")
+#: The keys an evaluation record (a metrics.jsonl line) can hold (the last three only when they apply).
+RECORD_KEYS = ("server_step", "uploads", "sim_time", "accuracy", "loss", "bytes_up", "bytes_broadcast",
+               "bytes_down_naive", "mean_staleness", "in_flight", "dropped_updates", "wall_time_s",
+               *EVAL_SUMMARY_KEYS)
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,17 @@ def _job_state(e: _InFlight) -> dict[str, Any]:
     return {"job": [j.job_id, j.client, j.start, j.end], "start_step": e.start_step,
             "version": None if e.version is None else list(e.version), "start": e.start, "update": e.update,
             "payload": e.payload, "nbytes": e.nbytes}
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    """``obj`` with every tensor in it (through dicts, lists and tuples) moved to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj
 
 
 def _job_from_state(d: dict[str, Any]) -> _InFlight:
@@ -368,7 +383,13 @@ class Engine:
                 "wall_elapsed": time.perf_counter() - self._wall0}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a ``state_dict``; the (exogenous) schedule is replayed up to where the checkpoint stood."""
+        """Restore a ``state_dict``; the (exogenous) schedule is replayed up to where the checkpoint stood.
+
+        Checkpoints are read onto the CPU: model tensors move to this engine's device (its x⁰'s), generator states
+        stay on the CPU.
+        """
+        rng = {k: state[k] for k in ("server_gen", "torch_rng")}
+        state = {**_to_device(state, self.x.device), **rng}
         for k in self._STATE:
             setattr(self, k, state[k])
         self.jobs = {e.job.job_id: e for e in map(_job_from_state, state["jobs"])}

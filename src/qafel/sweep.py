@@ -64,6 +64,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 import qafel
+from qafel.checkpoint import comparable, first_difference
 from qafel.compose import compose, config_dir, override_key
 from qafel.errors import ConfigError
 from qafel.sweep_runtime import (
@@ -301,6 +302,16 @@ def _named(raw: Any, key: str, allowed: tuple[str, ...], default: str) -> dict[s
     return out
 
 
+def _check_pruner_metric(pruner: Mapping[str, Any]) -> None:
+    """The pruner watches a key of every evaluation record (metrics.jsonl): refuse one no record holds."""
+    from qafel.engine import RECORD_KEYS
+
+    metric = pruner.get("metric", "accuracy")
+    allowed = [k for k in RECORD_KEYS if k != "server_step"]
+    if pruner["name"] != "none" and metric not in allowed:
+        raise ConfigError("pruner.metric", metric, f"not a key of the evaluation records; one of {', '.join(allowed)}")
+
+
 def parse_spec(data: Mapping[str, Any], source: str = "<sweep>") -> SweepSpec:
     """Check a sweep file's contents and return the spec (raises ConfigError naming the bad key)."""
     if not isinstance(data, Mapping):
@@ -324,6 +335,7 @@ def parse_spec(data: Mapping[str, Any], source: str = "<sweep>") -> SweepSpec:
         raise ConfigError("objectives", [o.name for o in objectives], "objective names must be distinct")
     sampler = _named(data.get("sampler"), "sampler", SAMPLERS, "nsga2" if len(objectives) > 1 else "tpe")
     pruner = _named(data.get("pruner") if "pruner" in data else "none", "pruner", PRUNERS, "none")
+    _check_pruner_metric(pruner)
     n_trials = data.get("n_trials")
     if n_trials is not None and (not isinstance(n_trials, int) or isinstance(n_trials, bool) or n_trials < 1):
         raise ConfigError("n_trials", n_trials, "must be an integer >= 1 or null")
@@ -427,6 +439,7 @@ class SweepPlan:
     pinned: list[str] = field(default_factory=list)
     context: dict[str, str] = field(default_factory=dict)
     wandb: bool = False
+    fixed: dict[str, Any] = field(default_factory=dict)  # the effective config every trial shares (see run_sweep)
 
     @property
     def params(self) -> list[Param]:
@@ -658,13 +671,16 @@ def make_pruner(spec: SweepSpec) -> optuna.pruners.BasePruner:
         raise ConfigError("pruner", spec.pruner, str(exc)) from None
 
 
-def spec_fingerprint(spec: SweepSpec) -> dict[str, Any]:
+def spec_fingerprint(spec: SweepSpec, fixed: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """What makes a study's trials comparable: base overrides, search space, objectives, sampler and pruner
-    (not the sweep file's path, description, n_trials or sizes), as plain JSON values."""
+    (not the sweep file's path, description, n_trials or sizes), and the effective config the trials share
+    (``fixed``: the base config with the command line's overrides, bookkeeping keys left out), as JSON values."""
     data = {"base": spec.base, "params": {p.name: _param_raw(p) for p in spec.params},
             "objectives": [{"metrics": o.metrics, "direction": o.direction, "name": o.name, "missing": o.missing}
                            for o in spec.objectives],
             "sampler": spec.sampler, "pruner": spec.pruner}
+    if fixed:
+        data["config"] = dict(fixed)
     return json.loads(json.dumps(data, default=str))
 
 
@@ -676,7 +692,16 @@ def _check_same_sweep(study: optuna.study.FrozenStudy, plan: SweepPlan) -> None:
     if theirs != ours:
         raise SweepRefused(f"{where} has directions {theirs}, this sweep {ours}: use another --study-name")
     saved = study.user_attrs.get("spec")
-    mine = spec_fingerprint(plan.spec)
+    mine = spec_fingerprint(plan.spec, plan.fixed)
+    if saved is not None and "config" in saved and "config" in mine:
+        diff = first_difference(saved["config"], mine["config"])
+        if diff is not None:
+            key, theirs_value, ours_value = diff
+            raise SweepRefused(f"{where} ran its trials with {key}={theirs_value!r}, this command with "
+                               f"{key}={ours_value!r} (its overrides or config differ): use another --study-name, "
+                               "or the study's own overrides")
+    if saved is not None:  # studies made before the shared config was recorded: compare what they hold
+        saved, mine = ({k: v for k, v in d.items() if k != "config"} for d in (saved, mine))
     if saved is not None and saved != mine:
         diff = ", ".join(k for k in mine if saved.get(k) != mine[k])
         raise SweepRefused(f"{where} was made from another sweep ({study.user_attrs.get('sweep')}; this one, "
@@ -748,7 +773,7 @@ def create_or_load_study(plan: SweepPlan) -> optuna.Study:
         study.set_user_attr("objectives", [{"name": o.name, "metrics": o.metrics, "direction": o.direction}
                                            for o in plan.spec.objectives])
     if "spec" not in study.user_attrs:
-        study.set_user_attr("spec", spec_fingerprint(plan.spec))
+        study.set_user_attr("spec", spec_fingerprint(plan.spec, plan.fixed))
     _write_owner(plan)
     return study
 
@@ -1051,7 +1076,7 @@ def run_sweep(sweep: str | Path | SweepSpec, *, n_trials: int | None = None, stu
     plan = SweepPlan(spec=spec, study_name=name, storage=storage_url(storage or os.environ.get("QAFEL_STORAGE"), out),
                      sweep_dir=out.resolve(), overrides=all_overrides, conf=conf,
                      pinned=[override_key(o) for o in overrides], context=_context(base_cfg, spec, all_overrides),
-                     wandb=base_cfg.tracking.get("backend") == "wandb")
+                     wandb=base_cfg.tracking.get("backend") == "wandb", fixed=_fixed_config(base_cfg))
     check_params_take_effect(plan)
     out.mkdir(parents=True, exist_ok=True)
     study = create_or_load_study(plan)
@@ -1125,6 +1150,16 @@ def _base_config(overrides: Sequence[str], conf: Path) -> DictConfig:
     cfg = _compose_checked(overrides, conf, overrides)
     validate(cfg)
     return cfg
+
+
+def _fixed_config(base_cfg: DictConfig) -> dict[str, Any]:
+    """The effective config all trials share, without bookkeeping keys (where records and W&B go, progress):
+    recorded with the study, so that a rerun with other overrides (``seed=1``) is not merged into it."""
+    from qafel.config import validate
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fedbuff's identity quantizers: said once already by _base_config
+        return comparable(validate(base_cfg))
 
 
 def _probe_values(p: Param) -> list[Any]:
