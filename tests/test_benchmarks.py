@@ -45,3 +45,24 @@ def test_bench_shared_start_json_compares_three_ways_on_the_same_gradients():
             assert r[f"{side}_ms_per_job"] > 0
             assert r[f"{side}_relative_difference"] < 1e-3, r  # CNN: max-pool near-ties, as in bench_clients
         assert r["shared_vs_stacked_speedup"] > 0
+
+
+def test_bench_end_to_end_json_breaks_the_run_down_and_replays_the_trainer():
+    root = need_data_file("mushrooms.libsvm").parent
+    env = {**os.environ, "QAFEL_DATA_ROOT": str(root)}
+    bench = [sys.executable, str(REPO / "benchmarks" / "bench_end_to_end.py"), "--steps", "4", "--concurrent", "2",
+             "--set", "run.eval_every=2", "--json"]
+    small = ["--set", "dataset.num_samples=600", "--set", "dataset.num_clients=50"]
+    rows = [row for extra in (["--only", "paper_logreg"], ["--only", "cifar10", *small])
+            for row in json.loads(subprocess.run([*bench, *extra], capture_output=True, text=True, env=env,
+                                                 timeout=900, check=True).stdout)]
+    assert [r["name"] for r in rows] == ["paper_logreg", "cifar10"]
+    parts = ("training", "scheduling", "quantization", "evaluation", "bookkeeping", "data_setup")
+    for r in rows:
+        assert r["device"] == "cpu" and r["status"] == "completed" and r["server_steps"] == 4
+        assert r["uploads"] == 40 and r["jobs_trained"] >= r["uploads"]  # K = 10; jobs in flight trained too
+        assert abs(sum(r[f"{p}_fraction"] for p in parts) - 1) < 1e-9
+        assert all(r[f"{p}_fraction"] >= 0 for p in parts if p != "bookkeeping")
+        assert abs(r["efficiency"] - r["e2e_updates_per_s"] / r["trainer_updates_per_s"]) < 1e-9 * r["efficiency"]
+        assert r["jobs_per_call"] == r["jobs_trained"] / r["trainer_calls"]
+        assert r["concurrent"] == 2 and r["concurrent_updates_per_s"] > 0
