@@ -395,6 +395,7 @@ class Engine:
             "bytes_up": self.c.bytes_up,
             "bytes_broadcast": self.c.bytes_broadcast,
             "bytes_down_naive": self.c.bytes_down_naive,
+            "bytes_total": self.c.bytes_up + self.c.bytes_broadcast + self.c.bytes_down_naive,
             "mean_staleness": self.mean_staleness,
             "in_flight": len(self.jobs),
             "dropped_updates": self.c.dropped_updates,
