@@ -85,16 +85,23 @@ def run(cfg: DictConfig) -> float | None:
         stop(exc.exit_code, str(exc))
     except (KeyboardInterrupt, Terminated) as exc:
         name, code = ("SIGTERM", 143) if isinstance(exc, Terminated) else ("SIGINT", 130)
+        print_sync_hint(run_dir)
         stop(code, f"stopped by {name}; the records so far and the last checkpoint are in {run_dir} "
                    f"(continue with resume={run_dir})")
     print(format_summary(summary))
-    hint = sync_hint(Path(summary["run_dir"]))
-    if hint:
-        print(f"W&B (offline)     {hint}")
+    print_sync_hint(Path(summary["run_dir"]))
     if summary["status"] == "diverged":
         stop(EXIT_DIVERGED, f"the run diverged at server step {summary['diverged_at_step']} (NaN or inf); "
                             f"records kept in {summary['run_dir']}")
     return summary.get("final_accuracy")
+
+
+def print_sync_hint(run_dir: Path) -> None:
+    """W&B's offline sync hint, which qafel silences in W&B itself: the command that uploads this run's offline
+    log (with every other one of its multirun)."""
+    hint = sync_hint(run_dir)
+    if hint:
+        print(f"W&B (offline)     {hint}")
 
 
 def hydra_origin(hc: DictConfig, run_dir: Path) -> RunOrigin:

@@ -14,6 +14,7 @@ import time
 import tomllib
 from pathlib import Path
 
+import optuna  # noqa: F401 - the warning filters name its classes
 import pytest
 import yaml
 from conftest import FAST, REPO, compose_cfg
@@ -288,7 +289,7 @@ def test_sweep_trials_and_summary_run_in_wandb(mixed_sweep: Path) -> None:
 
 
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
-def test_a_sweep_rerun_updates_its_one_summary_run(mixed_sweep: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_sweep_rerun_updates_its_one_summary_run(mixed_sweep: Path, capfd: pytest.CaptureFixture[str]) -> None:
     from qafel.sweep import main as sweep
 
     before = {log.run_id for log in live_logs(mixed_sweep).values() if log.job_type == "sweep-summary"}
@@ -296,8 +297,9 @@ def test_a_sweep_rerun_updates_its_one_summary_run(mixed_sweep: Path, capsys: py
     logs = live_logs(mixed_sweep)
     assert [log.run_id for log in logs.values() if log.job_type == "sweep-summary"] == sorted(before)
     assert len(logs) == 1 + len((mixed_sweep / "trials.csv").read_text().splitlines()[1:]) == 7
-    assert f"wandb sync {mixed_sweep / 'wandb'}" in capsys.readouterr().out
-    assert qafel_wandb(["--sync", "--dry-run", str(mixed_sweep)]) == 0
+    assert f"wandb sync {mixed_sweep / 'wandb'}" in capfd.readouterr().out
+    assert qafel_wandb(["--sync", "--dry-run", str(mixed_sweep.parent)]) == 0  # W&B's sync finds all, once each
+    assert f"Would sync {len(logs)} run(s)" in capfd.readouterr().err
 
 
 # -------------------------------------------------------------------------------- run.py, kill, multirun
@@ -357,3 +359,29 @@ def test_a_sigkilled_run_keeps_its_wandb_tail_and_resumes_as_one_run(tmp_path: P
     assert log.steps == list(range(0, 401, 10))  # no gap, no step twice
     assert_mirrors(log, run_dir)
     assert log.config["command"] == "python run.py " + " ".join(overrides)  # the original run's, not resume=
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_qafel_wandb_rebuilds_a_sweep_as_it_was_logged(mixed_sweep: Path) -> None:
+    def table(log: WandbLog) -> dict:
+        return json.loads(next(log.path.parent.glob("files/media/table/trials_*.table.json")).read_text())
+
+    before = live_logs(mixed_sweep)
+    (old_summary,) = [log for log in before.values() if log.job_type == "sweep-summary"]
+    old_table = table(old_summary)
+    assert qafel_wandb([str(mixed_sweep)]) == 0
+    after = live_logs(mixed_sweep)
+    assert sorted(after) == sorted(before)
+    for run_id, log in after.items():
+        if log.job_type == "trial":  # pruned, failed and failed-validation trials as the sweep logged them
+            assert _comparable(log) == _comparable(before[run_id])
+        else:
+            old = before[run_id]
+            assert (log.name, log.group, log.tags, log.config) == (old.name, old.group, old.tags, old.config)
+            assert no_media(log.own_summary()) == no_media(old.own_summary())
+            assert log.artifacts.keys() == old.artifacts.keys() and table(log) == old_table
+
+
+def no_media(summary: dict) -> dict:
+    """A summary without its references to logged tables (their artifact paths differ per log)."""
+    return {k: v for k, v in summary.items() if not (isinstance(v, dict) and "_type" in v)}

@@ -247,7 +247,6 @@ def origin_record(cfg: Mapping[str, Any], origin: RunOrigin | None = None) -> di
     })
     run_id = str(cfg.get("run_id"))
     return {"run_id": run_id, "wandb_id": wandb_run_id(run_id), **record}
-    return record
 
 
 def read_origin(run_dir: Path) -> dict[str, Any] | None:
