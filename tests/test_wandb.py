@@ -122,9 +122,11 @@ def test_names_tags_and_rerun_command_follow_the_choices() -> None:
 # ----------------------------------------------------------------------------------------- live runs
 def test_a_run_mirrors_its_records_in_wandb(tmp_path: Path) -> None:
     origin = RunOrigin(choices={"algorithm": "qafel", "experiment": None}, overrides=["seed=0", "name=mine"])
-    run_experiment(compose_cfg(*WANDB, "name=mine", "tracking.log_checkpoints=true"), tmp_path, origin=origin)
+    run_experiment(compose_cfg(*WANDB, "name=mine", "tracking.log_checkpoints=true", "model=logreg"), tmp_path,
+                   origin=origin)
     log = the_log(tmp_path)
-    assert_mirrors(log, tmp_path)
+    assert_mirrors(log, tmp_path)  # with suboptimality: summary.json's (last) value, W&B's min only during the run
+    assert log.summary["suboptimality"] == metrics(tmp_path)[-1]["suboptimality"]
     assert log.name == "mine" and log.job_type == "run"
     assert log.config["command"] == "python run.py seed=0 name=mine"
     assert log.artifacts[f"checkpoint-{log.run_id}"] == ("checkpoint", ["checkpoint.pt"])
