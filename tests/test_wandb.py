@@ -43,9 +43,12 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def env(**extra: str) -> dict[str, str]:
-    """A subprocess environment: PYTHONPATH made absolute (it may name this checkout's ``src``), W&B offline."""
+    """A subprocess environment: PYTHONPATH made absolute (it may name this checkout's ``src``), W&B offline, and
+    without WANDB_SERVICE (set by W&B in this process once it ran here: a child would share this process's W&B
+    service, which outlives the child and keeps a killed run's log open)."""
     paths = os.pathsep.join(str(Path(p).resolve()) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p)
-    return {**os.environ, "PYTHONPATH": paths, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **extra}
+    base = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    return {**base, "PYTHONPATH": paths, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **extra}
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -357,7 +360,7 @@ def test_a_sigkilled_run_keeps_its_wandb_tail_and_resumes_as_one_run(tmp_path: P
     done = run_py(f"resume={run_dir}", "run.progress=false")
     assert done.returncode == 0, done.stderr[-3000:]
     log = the_log(run_dir)
-    assert log.run_id == killed.run_id and len(superseded(run_dir)) == 1
+    assert log.run_id == killed.run_id and len(superseded(run_dir)) == 1, done.stderr[-3000:]
     assert log.steps == list(range(0, 401, 10))  # no gap, no step twice
     assert_mirrors(log, run_dir)
     assert log.config["command"] == "python run.py " + " ".join(overrides)  # the original run's, not resume=
