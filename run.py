@@ -21,12 +21,14 @@ after one line per failed job (qafel.multirun).
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from qafel.api import format_summary, run_experiment
@@ -35,6 +37,7 @@ from qafel.compose import hydra_group_default, settle_spellings
 from qafel.errors import EXIT_DIVERGED, QafelError, RunDirError, Terminated
 from qafel.multirun import JobFailed, in_multirun
 from qafel.signals import stop_on_signals
+from qafel.tracking import RunOrigin, multirun_group, sync_hint
 
 
 def stop(code: int, message: str) -> NoReturn:
@@ -77,18 +80,38 @@ def run(cfg: DictConfig) -> float | None:
             OmegaConf.update(saved, "run.progress", cfg.run.progress)
             summary = run_experiment(saved, run_dir, resume=True)
         else:
-            summary = run_experiment(cfg, run_dir)
+            summary = run_experiment(cfg, run_dir, origin=hydra_origin(hc, run_dir))
     except QafelError as exc:
         stop(exc.exit_code, str(exc))
     except (KeyboardInterrupt, Terminated) as exc:
         name, code = ("SIGTERM", 143) if isinstance(exc, Terminated) else ("SIGINT", 130)
+        print_sync_hint(run_dir)
         stop(code, f"stopped by {name}; the records so far and the last checkpoint are in {run_dir} "
                    f"(continue with resume={run_dir})")
     print(format_summary(summary))
+    print_sync_hint(Path(summary["run_dir"]))
     if summary["status"] == "diverged":
         stop(EXIT_DIVERGED, f"the run diverged at server step {summary['diverged_at_step']} (NaN or inf); "
                             f"records kept in {summary['run_dir']}")
     return summary.get("final_accuracy")
+
+
+def print_sync_hint(run_dir: Path) -> None:
+    """W&B's offline sync hint, which qafel silences in W&B itself: the command that uploads this run's offline
+    log (with every other one of its multirun)."""
+    hint = sync_hint(run_dir)
+    if hint:
+        print(f"W&B (offline)     {hint}")
+
+
+def hydra_origin(hc: DictConfig, run_dir: Path) -> RunOrigin:
+    """The run's origin as Hydra knows it: group choices and overrides; in a multirun, the sweep directory's
+    name as W&B group and its ``wandb/`` folder for every job's offline run (one ``wandb sync`` for all)."""
+    origin = RunOrigin(choices=dict(hc.runtime.choices), overrides=list(hc.overrides.task))
+    if hc.mode == RunMode.MULTIRUN:
+        origin.group = multirun_group(hc.sweep.dir)
+        origin.wandb_dir = os.path.relpath(hc.sweep.dir, run_dir)
+    return origin
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ def execute(path: Path, out: Path, data_root: Path) -> nbformat.NotebookNode:
     env = {**keep, "QAFEL_FULL": "0", "QAFEL_NOTEBOOK_OUT": str(out), "QAFEL_DATA_ROOT": str(data_root),
            "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
            "MPLBACKEND": "Agg", "WANDB_MODE": "disabled"}
-    client = nbclient.NotebookClient(nb, timeout=240, kernel_name="python3",
+    client = nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
                                      resources={"metadata": {"path": str(path.parent)}})
     client.execute(env=env)
     return nb

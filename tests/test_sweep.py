@@ -296,34 +296,8 @@ def test_postgresql_backed_sweep(postgres_url: str, tmp_path: Path) -> None:
     assert len(read_csv(out / "trials.csv")) == 2 and (out / "best.yaml").is_file()
 
 
-# ------------------------------------------------------------------------------------------ W&B, Hydra
-def test_wandb_trials_are_grouped_by_study_with_one_summary_run(tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    import wandb
-
-    calls: list[dict] = []
-    real_init = wandb.init
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs)
-        return real_init(*args, **kwargs)
-
-    monkeypatch.setattr(wandb, "init", spy)
-    out = tmp_path / "wb"
-    assert main([str(SWEEPS / "pareto_bytes.yaml"), "--size", "smoke", "--n-trials", "2", "--study-name", "wb",
-                 "--sweep-dir", str(out), "tracking=wandb", "tracking.mode=offline"]) == 0
-    trial_runs = [c for c in calls if c.get("job_type") != "sweep-summary"]
-    summary_runs = [c for c in calls if c.get("job_type") == "sweep-summary"]
-    assert [c["group"] for c in trial_runs] == ["wb", "wb"]
-    assert [c["name"] for c in trial_runs] == ["wb-0000", "wb-0001"]
-    assert all(c["mode"] == "offline" for c in calls)
-    assert len(summary_runs) == 1 and summary_runs[0]["group"] == "wb"
-    for n in ("0000", "0001"):
-        assert glob.glob(str(out / "trials" / n / "wandb" / "offline-run-*"))
-    assert glob.glob(str(out / "wandb" / "offline-run-*"))  # the summary run, with the table and pareto.png
-    assert wandb.run is None
-
-
+# ------------------------------------------------------------------------------------------------ Hydra
+# (W&B: tests/test_wandb.py reads the trials' and the summary run's offline logs back)
 @pytest.mark.slow  # new Python processes: start-up dominates
 def test_hydra_multirun_over_two_values(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "multirun"

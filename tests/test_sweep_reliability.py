@@ -13,7 +13,6 @@ import shutil
 import signal
 import socket
 import sqlite3
-import struct
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from qafel.api import NUMERIC_SUMMARY_KEYS, SUMMARY_KEYS, TEXT_SUMMARY_KEYS, run
 from qafel.engine import EVAL_SUMMARY_KEYS
 from qafel.sweep import OWNER_FILE, main, open_storage
 from qafel.sweep_runtime import _boot_id, die_with_parent, journal_heartbeat
+from qafel.wandb_runs import read_wandb_log
 
 S = optuna.trial.TrialState
 DONE = (S.COMPLETE, S.PRUNED)
@@ -306,33 +306,6 @@ def test_a_multirun_runs_every_job_and_reports_the_failed_ones(tmp_path: Path, v
 
 
 # --------------------------------------------------------------------------------------------- secrets
-def _wandb_records(path: Path) -> list:
-    """The records of an offline ``.wandb`` file: a ':W&B' header, then a LevelDB-style log of 32 KiB blocks
-    whose chunks (7-byte header: CRC, length, type FULL/FIRST/MIDDLE/LAST) hold protobuf Records."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = path.read_bytes()
-    assert data[:4] == b":W&B"
-    records, pos, buf = [], 7, b""
-    while pos + 7 <= len(data):
-        left = 32768 - pos % 32768
-        if left < 7:  # block trailer
-            pos += left
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        if length == 0 and kind == 0:  # zero padding to the end of the block
-            pos += left
-            continue
-        buf += data[pos + 7:pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):  # FULL or LAST: one record is complete
-            record = pb.Record()
-            record.ParseFromString(buf)
-            records.append(record)
-            buf = b""
-    return records
-
-
 @pytest.mark.slow  # PostgreSQL and W&B in new processes
 def test_a_storage_password_reaches_no_record_log_or_wandb_run(postgres_url: str, tmp_path: Path) -> None:  # noqa: F811
     secret = "Pw0rd-n0t-in-records"
@@ -351,7 +324,7 @@ def test_a_storage_password_reaches_no_record_log_or_wandb_run(postgres_url: str
             assert secret.encode() not in path.read_bytes(), path
     runs_seen = 0
     for path in {p.resolve() for p in tmp_path.rglob("*.wandb")}:
-        records = _wandb_records(path)
+        records = read_wandb_log(path)
         assert records and all(secret not in str(r) for r in records)
         args = [list(r.environment.args) for r in records if r.WhichOneof("record_type") == "environment"]
         if "/argv/" in str(path):  # the command line W&B records, with the password hidden

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from qafel.optimum import objective, solve_optimum
 from qafel.quantizers import Quantizer, build_quantizer
 from qafel.system import map_in_threads, resolve_job_threads, tune_malloc
 from qafel.timing import Schedule
-from qafel.tracking import RunRecorder, make_tracker
+from qafel.tracking import RunOrigin, RunRecorder, make_tracker, origin_record, read_origin, write_origin
 
 #: The keys run_experiment adds to the engine's summary.
 RUN_SUMMARY_KEYS = ("skipped_starts", "f_star", "partition", "dataset", "model", "client_quantizer",
@@ -202,17 +203,26 @@ def refuse_existing_run_dir(run_dir: str | Path) -> None:
                                 "directory (hydra.run.dir=...)")
 
 
+#: ``outcome(summary, error)``: how the caller judges a run that ended with ``summary`` or raised ``error``.
+Outcome = Callable[[dict[str, Any] | None, BaseException | None], Mapping[str, Any]]
+
+
 def run_experiment(cfg: DictConfig | dict, output_dir: str | Path,
-                   on_eval: Callable[[dict[str, Any]], None] | None = None, resume: bool = False) -> dict[str, Any]:
-    """Run one experiment; write ``config.yaml``, ``metrics.jsonl``, ``summary.json`` and ``checkpoint.pt``
-    (every ``run.checkpoint_every`` server steps and at the end) to ``output_dir``.
+                   on_eval: Callable[[dict[str, Any]], None] | None = None, resume: bool = False,
+                   origin: RunOrigin | None = None, outcome: Outcome | None = None) -> dict[str, Any]:
+    """Run one experiment; write ``config.yaml``, ``run.json``, ``metrics.jsonl``, ``summary.json`` and
+    ``checkpoint.pt`` (every ``run.checkpoint_every`` server steps and at the end) to ``output_dir``.
 
     ``on_eval`` (optional) sees every evaluation record as it is made (sweeps use it for pruning).
     ``resume``: continue from ``output_dir/checkpoint.pt``, whose saved config must equal ``cfg`` (paths,
     tracking and ``run.progress`` aside); metrics.jsonl is rewritten to the checkpoint's records first, so the
-    finished files equal those of an uninterrupted run. Without ``resume`` a directory that already holds run
-    records is refused (RunDirExistsError) before anything is written. ``config.yaml`` and ``summary.json``
-    carry the same ``run_id``. Returns the summary dict.
+    finished files equal those of an uninterrupted run, and the W&B run continues under the same id. Without
+    ``resume`` a directory that already holds run records is refused (RunDirExistsError) before anything is
+    written. ``config.yaml``, ``run.json`` and ``summary.json`` carry the same ``run_id``.
+    ``origin``: where the run comes from (run.py: Hydra's choices and overrides; sweeps: the trial), recorded in
+    run.json (a resumed run keeps its own). ``outcome`` (sweeps: the trial's state and objective values) is
+    called once, with the summary or with the exception that ended the run, and recorded in run.json and W&B.
+    Returns the summary dict.
     """
     t0 = time.perf_counter()
     out = Path(output_dir)
@@ -235,8 +245,12 @@ def run_experiment(cfg: DictConfig | dict, output_dir: str | Path,
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     except OSError as exc:
         raise OutputError(f"{out / 'config.yaml'}: cannot write ({exc.strerror or exc})") from None
+    run_record = _origin(out, cfg, origin, resume)
     recorder = RunRecorder(out, history=state["history"] if state else None)
-    tracker = make_tracker(cfg.tracking, OmegaConf.to_container(cfg), out)
+    tracker = make_tracker(cfg.tracking, out, run_record)
+    if tracker is not None and state is not None:
+        for past in state["history"]:  # the W&B run continues from the same records as metrics.jsonl
+            tracker.log(past)
     progress = _progress_bar(cfg) if cfg.run.progress else None
 
     def log(record: dict[str, Any]) -> None:
@@ -260,6 +274,10 @@ def run_experiment(cfg: DictConfig | dict, output_dir: str | Path,
     try:
         summary = engine.run()
         save_checkpoint(ckpt_path, engine.state_dict(), cfg)
+    except BaseException as exc:
+        with suppress(Exception):  # the error that ended the run is the one to report
+            _end(out, run_record, tracker, outcome(None, exc) if outcome is not None else None)
+        raise
     finally:
         if progress is not None:
             progress.close()
@@ -279,9 +297,27 @@ def run_experiment(cfg: DictConfig | dict, output_dir: str | Path,
         "run_id": run_id,
     })
     recorder.write_summary(summary)
-    if tracker is not None:
-        tracker.finish(summary)
+    _end(out, run_record, tracker, outcome(summary, None) if outcome is not None else None)
     return summary
+
+
+def _origin(out: Path, cfg: DictConfig, origin: RunOrigin | None, resume: bool) -> dict[str, Any]:
+    """The run's run.json record: a resumed run's own (written when the run started), else a new one."""
+    existing = read_origin(out) if resume else None
+    if existing is not None and existing.get("run_id") == cfg.run_id:
+        return existing
+    record = origin_record(cfg, None if resume else origin)  # a resumed run's origin is not the resume command
+    write_origin(out, record)
+    return record
+
+
+def _end(out: Path, record: dict[str, Any], tracker: Any, outcome: Mapping[str, Any] | None) -> None:
+    """Record the caller's outcome in run.json, then write the W&B summary and close the W&B run."""
+    if outcome is not None:
+        record["outcome"] = dict(outcome)
+        write_origin(out, record)
+    if tracker is not None:
+        tracker.finish(record)
 
 
 def _progress_bar(cfg: DictConfig):

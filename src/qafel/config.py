@@ -152,6 +152,7 @@ class TrackingConfig:
     group: str | None = None
     name: str | None = None
     tags: list[str] = field(default_factory=list)
+    log_checkpoints: bool = False  # also log checkpoint.pt as a W&B artifact (type checkpoint) at the end
 
 
 @dataclass

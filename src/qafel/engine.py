@@ -39,7 +39,7 @@ ENGINE_SUMMARY_KEYS = (
 EVAL_SUMMARY_KEYS = ("suboptimality", "train_objective", "hidden_state_error")
 #: The keys an evaluation record (a metrics.jsonl line) can hold (the last three only when they apply).
 RECORD_KEYS = ("server_step", "uploads", "sim_time", "accuracy", "loss", "bytes_up", "bytes_broadcast",
-               "bytes_down_naive", "mean_staleness", "in_flight", "dropped_updates", "wall_time_s",
+               "bytes_down_naive", "bytes_total", "mean_staleness", "in_flight", "dropped_updates", "wall_time_s",
                *EVAL_SUMMARY_KEYS)
 
 
@@ -416,6 +416,7 @@ class Engine:
             "bytes_up": self.c.bytes_up,
             "bytes_broadcast": self.c.bytes_broadcast,
             "bytes_down_naive": self.c.bytes_down_naive,
+            "bytes_total": self.c.bytes_up + self.c.bytes_broadcast + self.c.bytes_down_naive,
             "mean_staleness": self.mean_staleness,
             "in_flight": len(self.jobs),
             "dropped_updates": self.c.dropped_updates,

@@ -53,6 +53,7 @@ import signal
 import sys
 import time
 import traceback
+import uuid
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -80,7 +81,16 @@ from qafel.sweep_runtime import (
     sigterm_interrupts,
     worker_identity,
 )
-from qafel.tracking import hide_passwords, redacted_argv
+from qafel.tracking import (
+    ORIGIN_FILE,
+    RunOrigin,
+    hide_passwords,
+    offline_runs,
+    origin_record,
+    read_json,
+    write_json,
+    write_origin,
+)
 
 SAMPLERS = ("tpe", "nsga2", "random", "grid")
 PRUNERS = ("none", "median", "percentile", "hyperband", "successive_halving", "threshold", "patient")
@@ -98,6 +108,8 @@ EXIT_BAD_INPUT = 2
 EXIT_REFUSED = 4
 #: In a sweep directory: which study its records belong to.
 OWNER_FILE = "sweep.json"
+#: In a sweep directory: the sweep as its study runs it (qafel-wandb rebuilds the summary run from it).
+SPEC_FILE = "spec.json"
 
 
 class SweepError(RuntimeError):
@@ -453,19 +465,6 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _close_wandb_run(state: str) -> None:
-    """Close a trial's W&B run that an exception left open (run_experiment closes it only on success)."""
-    wandb = sys.modules.get("wandb")
-    run = getattr(wandb, "run", None) if wandb is not None else None
-    if run is None:
-        return
-    try:
-        run.summary["trial_state"] = state
-        run.finish(exit_code=0 if state == "pruned" else 1)
-    except Exception as exc:  # noqa: BLE001 - tracking never stops a sweep
-        warnings.warn(f"W&B finish failed ({exc})", stacklevel=2)
-
-
 def _pruning_hook(trial: optuna.Trial, plan: SweepPlan) -> Callable[[dict[str, Any]], None] | None:
     """``on_eval`` that reports the pruner's metric (accuracy) per evaluation and raises TrialPruned when told to.
 
@@ -494,12 +493,49 @@ def _pruning_hook(trial: optuna.Trial, plan: SweepPlan) -> Callable[[dict[str, A
     return on_eval
 
 
+def trial_outcome(spec: SweepSpec, summary: Mapping[str, Any] | None,
+                  error: BaseException | None = None) -> dict[str, Any]:
+    """A trial's ``state`` (COMPLETE, PRUNED or FAIL), objective ``values`` and ``reason``, from the summary of
+    its run or the exception that ended it: a diverged run, or a null or non-finite objective, is pruned."""
+    if error is not None:
+        if isinstance(error, optuna.TrialPruned):
+            return {"state": "PRUNED", "values": None, "reason": str(error) or "pruned"}
+        if isinstance(error, KeyboardInterrupt):
+            why = error.args[0] if isinstance(error, Interrupted) else "SIGINT"
+            return {"state": "FAIL", "values": None, "reason": f"interrupted ({why})"}
+        return {"state": "FAIL", "values": None, "reason": hide_passwords(f"{type(error).__name__}: {error}")}
+    if summary.get("status") == "diverged":
+        return {"state": "PRUNED", "values": None, "reason": f"diverged at server step "
+                f"{summary.get('diverged_at_step')} (non-finite model or loss)"}
+    values: dict[str, float] = {}
+    for obj in spec.objectives:
+        v = obj.value(summary)
+        if v is None or not math.isfinite(v):
+            extra = (f" (target accuracy {summary.get('target_accuracy')} not reached)"
+                     if "uploads_to_target" in obj.metrics and v is None else "")
+            return {"state": "PRUNED", "values": None,
+                    "reason": f"objective {obj.name} is {'null' if v is None else v}{extra}"}
+        values[obj.name] = v
+    return {"state": "COMPLETE", "values": values, "reason": None}
+
+
+def trial_origin(plan: SweepPlan, number: int, params: Mapping[str, Any], overrides: list[str]) -> RunOrigin:
+    """A trial's run origin: W&B run ``<study>-NNNN`` of job type ``trial`` in group ``<study>``, logged offline
+    to the sweep directory's ``wandb/`` with every other trial and the summary run."""
+    return RunOrigin(job_type="trial", group=plan.study_name, name=f"{plan.study_name}-{number:04d}",
+                     tags=["sweep", f"study:{plan.study_name}"], overrides=overrides,
+                     wandb_dir=os.path.join("..", ".."),
+                     trial={"study": plan.study_name, "number": number, "params": dict(params)})
+
+
 def run_trial(trial: optuna.Trial, plan: SweepPlan) -> float | list[float]:
     """One trial: sample, compose the config, run it with ``run_experiment``, return the objective value(s).
 
     A diverged run, or a null or non-finite objective, raises TrialPruned with the reason in the user attr
     ``reason``; any other exception is recorded the same way and re-raised (Optuna marks the trial failed).
-    An existing trial directory is never written to: the trial fails with SweepRefused.
+    The trial's state, values and reason are also in its run.json and W&B run (a trial that fails before its
+    run starts, e.g. on an invalid config, gets both too). An existing trial directory is never written to: the
+    trial fails with SweepRefused.
     """
     from qafel.api import run_experiment
 
@@ -517,45 +553,53 @@ def run_trial(trial: optuna.Trial, plan: SweepPlan) -> float | list[float]:
                   "use another --sweep-dir")
         trial.set_user_attr("reason", reason)
         raise SweepRefused(reason)
+    origin = trial_origin(plan, trial.number, params, overrides)
+    cfg: DictConfig | None = None
     try:
-        cfg = compose_config(overrides, plan.conf)
-        if cfg.tracking.get("backend") == "wandb":
-            with open_dict(cfg):
-                cfg.tracking.group = plan.study_name
-                cfg.tracking.name = f"{plan.study_name}-{trial.number:04d}"
-                cfg.tracking.tags = [*list(cfg.tracking.get("tags") or []), "sweep", plan.study_name]
+        cfg = compose_config(overrides, plan.conf, return_hydra_config=True)
+        origin.choices = dict(cfg.hydra.runtime.choices)
+        with open_dict(cfg):
+            cfg.run_id = uuid.uuid4().hex  # known even if the config fails validation: the trial's W&B run id
         with journal_heartbeat(trial, enabled=plan.storage.startswith("journal:")):
-            summary = run_experiment(cfg, run_dir, on_eval=_pruning_hook(trial, plan))
+            summary = run_experiment(cfg, run_dir, on_eval=_pruning_hook(trial, plan), origin=origin,
+                                     outcome=lambda summary, error: trial_outcome(plan.spec, summary, error))
     except optuna.TrialPruned:
-        _close_wandb_run("pruned")
         raise
     except Exception as exc:
         trial.set_user_attr("reason", hide_passwords(f"{type(exc).__name__}: {exc}"))
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "traceback.txt").write_text(hide_passwords(traceback.format_exc()))
-        _close_wandb_run("failed")
+        _record_unstarted(plan, run_dir, cfg, origin, trial_outcome(plan.spec, None, exc))
         raise
     except KeyboardInterrupt as exc:
-        trial.set_user_attr("reason", f"interrupted ({exc.args[0] if isinstance(exc, Interrupted) else 'SIGINT'})")
-        _close_wandb_run("failed")
+        trial.set_user_attr("reason", trial_outcome(plan.spec, None, exc)["reason"])
         raise
     trial.set_user_attr("summary", {k: _finite(summary.get(k)) for k in TRIAL_SUMMARY_KEYS})
-    if summary.get("status") == "diverged":
-        reason = f"diverged at server step {summary.get('diverged_at_step')} (non-finite model or loss)"
-        trial.set_user_attr("reason", reason)
-        raise optuna.TrialPruned(reason)
-    values: list[float] = []
-    for obj in plan.spec.objectives:
-        v = obj.value(summary)
-        if v is None or not math.isfinite(v):
-            why = "null" if v is None else f"{v}"
-            extra = (f" (target accuracy {summary.get('target_accuracy')} not reached)"
-                     if "uploads_to_target" in obj.metrics and v is None else "")
-            reason = f"objective {obj.name} is {why}{extra}"
-            trial.set_user_attr("reason", reason)
-            raise optuna.TrialPruned(reason)
-        values.append(v)
+    result = trial_outcome(plan.spec, summary)
+    if result["state"] == "PRUNED":
+        trial.set_user_attr("reason", result["reason"])
+        raise optuna.TrialPruned(result["reason"])
+    values = list(result["values"].values())
     return values if plan.spec.multi_objective else values[0]
+
+
+def _record_unstarted(plan: SweepPlan, run_dir: Path, cfg: DictConfig | None, origin: RunOrigin,
+                      outcome: Mapping[str, Any]) -> None:
+    """A trial that failed before its run wrote any record (an invalid config, a missing data file): run.json
+    with its origin and outcome, and its W&B run built from that (never raises: the trial's failure stands)."""
+    if (run_dir / ORIGIN_FILE).exists():
+        return
+    try:
+        node = cfg if cfg is not None else {"run_id": uuid.uuid4().hex}
+        write_origin(run_dir, {**origin_record(node, origin), "outcome": dict(outcome)})
+        if plan.wandb:
+            from qafel.wandb_runs import build_run
+
+            tracking = (cfg if cfg is not None else compose_config(plan.overrides, plan.conf)).tracking
+            build_run(run_dir, mode=os.environ.get("WANDB_MODE", tracking.get("mode", "offline")),
+                      project=tracking.get("project"), entity=tracking.get("entity"))
+    except Exception as exc:  # noqa: BLE001 - tracking never stops a sweep
+        warnings.warn(f"trial {origin.name}: no run.json or W&B run ({type(exc).__name__}: {exc})", stacklevel=2)
 
 
 # --------------------------------------------------------------------------------- storage and study
@@ -1010,41 +1054,36 @@ def write_outputs(study: optuna.Study, plan: SweepPlan) -> dict[str, Path]:
     return written
 
 
+def write_spec_record(plan: SweepPlan, tracking: Mapping[str, Any]) -> None:
+    """``spec.json`` in the sweep directory: the study, its spec (base overrides, search space, objectives and
+    directions, sampler, pruner), the overrides, the tracking settings and the summary run's W&B id, so that
+    ``qafel-wandb`` rebuilds the summary run from the sweep's records alone."""
+    from qafel.wandb_runs import sweep_summary_id
+
+    path = plan.sweep_dir / SPEC_FILE
+    old = read_json(path) or {}
+    write_json(path, {
+        "study": plan.study_name,
+        "wandb_id": old.get("wandb_id") or sweep_summary_id(plan.study_name, redact(plan.storage)),
+        "sweep": plan.spec.source, "storage": _owner_record(plan)["storage"],
+        "overrides": [hide_passwords(o) for o in plan.overrides],
+        **spec_fingerprint(plan.spec),
+        "tracking": {k: tracking.get(k) for k in ("backend", "project", "entity", "mode")}
+        | {"tags": list(tracking.get("tags") or [])},
+    })
+
+
 def log_sweep_to_wandb(study: optuna.Study, plan: SweepPlan, written: Mapping[str, Path]) -> None:
-    """One W&B summary run per sweep (group = study): the trials table and the Pareto plot. Never raises."""
+    """The sweep's one W&B summary run (``<study>-summary``, group = study, a stable id: a rerun updates it),
+    built from the sweep directory's records (``qafel.wandb_runs.build_sweep_summary``). Never raises."""
     try:
-        import wandb
+        from qafel.wandb_runs import build_sweep_summary
 
         cfg = compose_config(plan.overrides, plan.conf).tracking
-        mode = os.environ.get("WANDB_MODE", cfg.get("mode", "offline"))
-        rows = [_trial_row(t, plan.spec) for t in study.get_trials(deepcopy=False)]
-        columns = _columns(rows, ["number", "state"])
-        with redacted_argv():  # W&B records the command line (--storage URL) as the run's args
-            run = wandb.init(project=cfg.get("project", "qafel"), entity=cfg.get("entity"), group=plan.study_name,
-                             name=f"{plan.study_name}-summary", job_type="sweep-summary",
-                             tags=[*list(cfg.get("tags") or []), "sweep", "sweep-summary"],
-                             config={"study": plan.study_name, "storage": redact(plan.storage),
-                                     "sweep": plan.spec.source, "overrides": plan.overrides,
-                                     "objectives": [o.name for o in plan.spec.objectives]},
-                             dir=str(plan.sweep_dir), mode=mode, reinit="finish_previous",
-                             settings=wandb.Settings(silent=True, init_timeout=60))
-        table = wandb.Table(columns=columns, data=[[_table_cell(r.get(c)) for c in columns] for r in rows])
-        payload: dict[str, Any] = {"trials": table}
-        if "pareto.png" in written:
-            payload["pareto"] = wandb.Image(str(written["pareto.png"]))
-        run.log(payload)
-        run.summary["n_trials"] = len(rows)
-        run.summary["n_complete"] = sum(r["state"] == "COMPLETE" for r in rows)
-        if not plan.spec.multi_objective and "best.yaml" in written:
-            run.summary["best_value"] = study.best_value
-            run.summary["best_trial"] = study.best_trial.number
-        run.finish()
+        build_sweep_summary(plan.sweep_dir, mode=os.environ.get("WANDB_MODE", cfg.get("mode", "offline")),
+                            project=cfg.get("project"), entity=cfg.get("entity"))
     except Exception as exc:  # noqa: BLE001 - tracking must never stop a sweep
         warnings.warn(f"W&B sweep summary skipped ({type(exc).__name__}: {exc})", stacklevel=2)
-
-
-def _table_cell(value: Any) -> Any:
-    return value if value is None or isinstance(value, int | float | str | bool) else str(value)
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -1080,6 +1119,7 @@ def run_sweep(sweep: str | Path | SweepSpec, *, n_trials: int | None = None, stu
     check_params_take_effect(plan)
     out.mkdir(parents=True, exist_ok=True)
     study = create_or_load_study(plan)
+    write_spec_record(plan, base_cfg.tracking)
     before = len(study.trials)
     n = _plan_trials(study, plan, n, workers)
     failed_workers: list[int] = []
@@ -1237,6 +1277,8 @@ def summarize(study: optuna.Study, written: Mapping[str, Path]) -> str:
     if written:
         folder = next(iter(written.values())).parent
         lines.append(f"wrote     {', '.join(written)} in {folder}")
+        if offline_runs(folder):  # W&B is silenced: this is its sync hint, for every run of the sweep at once
+            lines.append(f"W&B       offline runs: {shlex.join(['wandb', 'sync', str(folder / 'wandb')])}")
     return "\n".join(lines)
 
 
