@@ -200,6 +200,30 @@ def test_bad_cluster_options_stop_with_one_line(tmp_path: Path, args: list[str],
     assert not out.exists() and not (tmp_path / "none.log").exists()
 
 
+def test_a_submission_without_slurm_or_refused_by_sbatch_stops_with_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    sweep = write_sweep(tmp_path, "bad", params={"client.lr": [0.1, 0.2]}, sampler="grid")
+    args = [str(sweep), "--sweep-dir", str(tmp_path / "out"), "--storage", f"journal:{tmp_path / 's.log'}",
+            "--launcher", "slurm", "--slurm", "partition=nope"]
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # no srun, no sbatch
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [err.strip()]
+    assert err.startswith('error: --launcher slurm: Could not detect "srun"') and "--dry-run" in err
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (tmp_path / "bin" / "sbatch").write_text("#!/bin/sh\necho 'sbatch: error: invalid partition specified: nope' >&2\n"
+                                             "exit 1\n")
+    for f in (tmp_path / "bin").iterdir():
+        f.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}/usr/bin{os.pathsep}/bin")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (
+        "error: --launcher slurm: the submission failed (sbatch: error: invalid partition specified: nope); the "
+        "study keeps its queued trials: fix the job settings and submit again")
+
+
 # --------------------------------------------------------------------------------- preemption, in-process
 @pytest.fixture
 def preemptible():
@@ -306,7 +330,7 @@ def test_a_multirun_job_killed_without_a_result_is_listed_with_the_failed_jobs(t
     assert proc.returncode == 1, err[-3000:]
     report = err.strip().splitlines()[-2:]
     assert report[0] == "1 of 1 jobs failed:"
-    assert report[1].startswith("  job 0 (seed=0 ") and " ended without a result (UncompletedJobError: " in report[1]
+    assert report[1].startswith("  job 0 (seed=0 ") and " ended without finishing (UncompletedJobError: " in report[1]
     assert report[1].endswith(f"its records and last checkpoint are in {run_dir} (continue with resume={run_dir})")
     assert json.loads((run_dir / "job_status.json").read_text())["exit_code"] == 1
     assert load_checkpoint(run_dir / "checkpoint.pt")["engine"]["server_step"] >= 20
@@ -341,7 +365,9 @@ def test_two_sweep_jobs_add_exactly_n_trials(backend: str, sampler: str, tmp_pat
     out = tmp_path / "out"
     ids = sweep_jobs(sweep, out, storage, *extra)
     assert len(ids) == 2
-    assert all(outcome == "success" for outcome, _ in wait_for_jobs(out, ids))
+    results = wait_for_jobs(out, ids)
+    assert all(outcome == "success" for outcome, _ in results)
+    assert sum("wrote     trials.csv" in str(text) for _, text in results) == 1  # the outputs, once
     study = optuna.load_study(study_name="jobs", storage=open_storage(storage))
     assert sorted(t.number for t in study.trials) == [0, 1, 2, 3]
     assert all(t.state == S.COMPLETE for t in study.trials)

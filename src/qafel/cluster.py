@@ -35,7 +35,7 @@ from submitit.slurm.slurm import _make_sbatch_string
 from qafel.api import RECORD_FILES
 from qafel.checkpoint import CHECKPOINT_NAME, remove_quietly, tmp_path
 from qafel.errors import ConfigError, Preempted
-from qafel.signals import preempt_on
+from qafel.signals import preempt_off, preempt_on
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ MINIMUM = {"timeout_min": 1, "cpus_per_task": 1, "gpus_per_node": 0, "tasks_per_
 
 
 def check_launcher_params(params: Mapping[str, Any], prefix: str = "hydra.launcher.") -> None:
-    """Raise ConfigError naming the first launcher number below its least value (a type error Hydra catches)."""
+    """Raise ConfigError naming the first launcher number below its least value (Hydra checks their types)."""
     for key, least in MINIMUM.items():
         value = params.get(key)
         if value is not None and value < least:
@@ -184,13 +184,19 @@ def requeue_on_preemption() -> Iterator[None]:
     signum = submitit.JobEnvironment._usr_sig()
     kept = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     submitit_handler = preempt_on(signum)
+
+    def restore() -> None:  # the handlers the job started with (submitit's: it ignores SIGTERM)
+        for s, handler in kept.items():
+            signal.signal(s, handler)
+        preempt_off(signum, submitit_handler)
+
     try:
         yield
     except Preempted:
-        for s, handler in kept.items():  # submitit ignores SIGTERM while it requeues (run.py raised on it)
-            signal.signal(s, handler)
-        signal.signal(signum, submitit_handler)
+        restore()
         if callable(submitit_handler):
             log.warning("preempted or out of time: the job is requeued and continues from its checkpoint")
             submitit_handler(signum, None)  # exits (requeued), or raises why it cannot requeue
         raise
+    finally:
+        restore()

@@ -78,6 +78,12 @@ def preempt_on(signum: int) -> Any:
     return signal.signal(signum, _handler)
 
 
+def preempt_off(signum: int, handler: Any) -> None:
+    """Undo ``preempt_on``: ``handler`` takes ``signum`` again."""
+    _state["preempt"] = 0
+    signal.signal(signum, handler)
+
+
 def preemption_requested() -> bool:
     """Whether a preemption signal asks the running engine for a checkpoint now."""
     return bool(_state["asked"])

@@ -76,6 +76,7 @@ LAUNCHERS = {"slurm": "submitit_slurm", "local": "submitit_local", "slurm_gpu": 
 #: Launcher keys ``--slurm`` cannot set (qafel-sweep sets them, or ``--dry-run`` does).
 FIXED_KEYS = ("_target_", "submitit_folder", "dry_run")
 SEED_STRIDE = 7919  # sampler seed offsets between jobs, as between local workers
+OUTPUTS_ATTR = "outputs_written_for"  # study user attr: the number of trials the jobs' outputs were written for
 
 
 # ------------------------------------------------------------------------------------------ command line
@@ -91,7 +92,8 @@ def cluster_command(args: argparse.Namespace) -> int:
                  else ("--dry-run", True))
         raise ConfigError(*given, "needs --launcher slurm|local")
     if args.workers is not None:
-        raise ConfigError("--workers", args.workers, "starts local processes: with --launcher use --jobs")
+        raise ConfigError("--workers", args.workers, "starts local processes: with --launcher use --jobs" if
+                          args.launcher else "runs trials: leave it out with --status and --collect")
     plan_args = {"n_trials": args.n_trials, "study_name": args.study_name, "storage": args.storage,
                  "overrides": args.overrides, "size": args.size, "sweep_dir": args.sweep_dir}
     if args.status:
@@ -102,10 +104,7 @@ def cluster_command(args: argparse.Namespace) -> int:
         plan, _ = plan_sweep(args.sweep, **plan_args, need_n=False, check_params=False)
         existing_study(plan)
         study = create_or_load_study(plan)  # refuses another sweep's study or directory
-        written = write_outputs(study, plan)
-        if plan.wandb:
-            log_sweep_to_wandb(study, plan, written)
-        print(summarize(study, written))
+        print(collect(study, plan))
         return 0
     return submit(args, plan_args)
 
@@ -135,8 +134,13 @@ def submit(args: argparse.Namespace, plan_args: Mapping[str, Any]) -> int:
         return 0
     shares = split_trials(n, jobs)
     offsets = [before + SEED_STRIDE * (i + 1) for i in range(len(shares))]
-    with storage_for_jobs(plan.storage):
-        submitted = executor.map_array(SweepJob(replace(plan, storage=redact(plan.storage))), shares, offsets)
+    try:
+        with storage_for_jobs(plan.storage):
+            submitted = executor.map_array(SweepJob(replace(plan, storage=redact(plan.storage))), shares, offsets)
+    except Exception as exc:  # noqa: BLE001 - sbatch refused (partition, account, limits): one line, and why
+        why = next((line.strip() for line in str(exc).splitlines() if "error" in line.lower()), str(exc).strip())
+        raise SweepError(f"--launcher {args.launcher}: the submission failed ({why[:300]}); the study keeps its "
+                         "queued trials: fix the job settings and submit again") from None
     print(submitted_text(args, plan, kind, [j.job_id for j in submitted]))
     return 0
 
@@ -187,7 +191,9 @@ def job_executor(kind: str, plan: SweepPlan, params: Mapping[str, Any], dry_run:
     try:
         return make_executor(kind, plan.sweep_dir / "jobs" / "%j", {**params, "name": f"qafel-{plan.study_name}"},
                              script_only=dry_run)
-    except (ValueError, TypeError, RuntimeError) as exc:  # submitit's checks of the settings (or: no srun here)
+    except RuntimeError as exc:  # submitit finds no srun: not on a SLURM cluster
+        raise SweepError(f"--launcher {kind}: {exc} (--dry-run prints the job script anywhere)") from None
+    except (ValueError, TypeError) as exc:  # submitit's checks of the settings
         raise ConfigError("--slurm", " ".join(f"{k}={v}" for k, v in params.items() if v is not None),
                           " ".join(str(exc).split())[:300]) from None
 
@@ -261,7 +267,8 @@ class SweepJob:
             except Preempted:
                 self.left = fail_preempted_trials(plan, n_trials)
                 raise
-        return finish(plan)
+            self.left = None if n_trials is None else 0  # preempted from here on: only the outputs are left
+            return finish(plan)
 
     def checkpoint(self, n_trials: int | None, seed_offset: int) -> Any:
         """submitit's hook at preemption or time limit: the same job again, for the trials it has left."""
@@ -303,17 +310,46 @@ def fail_preempted_trials(plan: SweepPlan, n_trials: int | None) -> int | None:
 
 
 def finish(plan: SweepPlan) -> str:
-    """After a job's trials: write the outputs if nothing is left running or queued in the study."""
-    study = _study(plan)
-    busy = study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
-    if busy:
-        return f"study {plan.study_name}: {len(busy)} trial(s) running or queued; the last job writes the outputs"
+    """After a job's trials: write the outputs if nothing is left running or queued in the study, unless another
+    job already wrote them for the same trials (jobs that end together write them, and the W&B summary, once)."""
+    with _outputs_lock(plan.sweep_dir):
+        study = _study(plan)
+        trials = study.get_trials(deepcopy=False)
+        busy = [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+        if busy:
+            return f"study {plan.study_name}: {len(busy)} trial(s) running or queued; the last job writes the outputs"
+        if study.user_attrs.get(OUTPUTS_ATTR) == len(trials):
+            return f"study {plan.study_name}: outputs already written for its {len(trials)} trials"
+        text = collect(study, plan)
+        study.set_user_attr(OUTPUTS_ATTR, len(trials))
+    print(text)
+    return text
+
+
+def collect(study: optuna.Study, plan: SweepPlan) -> str:
+    """Write the study's outputs (trials.csv, pareto.csv + pareto.png or best.yaml, the W&B summary); a summary."""
     written = write_outputs(study, plan)
     if plan.wandb:
         log_sweep_to_wandb(study, plan, written)
-    text = summarize(study, written)
-    print(text)
-    return text
+    return summarize(study, written)
+
+
+@contextlib.contextmanager
+def _outputs_lock(folder: Path, wait_s: float = 120.0) -> Iterator[None]:
+    """One job at a time writes the outputs (an exclusive lock file; a stale one is ignored after ``wait_s``)."""
+    path, held = folder / ".outputs.lock", False
+    deadline = time.monotonic() + wait_s
+    while not held and time.monotonic() < deadline:
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            held = True
+        except FileExistsError:
+            time.sleep(0.5)
+    try:
+        yield
+    finally:
+        if held:
+            path.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------- status

@@ -89,7 +89,7 @@ class _QafelLauncher(plugin.BaseSubmititLauncher):
             overrides, _, idx = args[0], args[1], args[2]
             job_dir = self._job_dir(overrides, idx)
             why = (str(exc).strip().splitlines() or [""])[0][:200]
-            message = (f"submitit job {job.job_id} ended without a result ({type(exc).__name__}: {why}); its records "
+            message = (f"submitit job {job.job_id} ended without finishing ({type(exc).__name__}: {why}); its records "
                        f"and last checkpoint are in {job_dir} (continue with resume={job_dir})")
             write_status(job_dir, {"job": idx, "exit_code": 1, "message": message, "overrides": overrides,
                                    "time": time.time()})
