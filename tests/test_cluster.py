@@ -256,6 +256,16 @@ def test_a_preemption_signal_checkpoints_after_the_current_server_step(tmp_path:
         time.sleep(1)
 
 
+def test_a_preemption_is_raised_anyway_when_no_server_step_ends_in_time(preemptible,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(qafel.signals, "PREEMPT_GRACE_S", 0.2)
+    with pytest.raises(Preempted), qafel.signals.checkpointing_run():  # e.g. a long evaluation
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert qafel.signals.preemption_requested()
+        time.sleep(30)  # the grace timer signals again, and that raises
+    assert not qafel.signals.preemption_requested()
+
+
 def test_a_requeued_job_continues_only_its_own_run(tmp_path: Path) -> None:
     cfg = compose_cfg(*FAST)
     for name, run_id, files in [("mine", "job-1", ["metrics.jsonl", "checkpoint.pt"]),
