@@ -68,9 +68,9 @@ class _QafelLauncher(plugin.BaseSubmititLauncher):
         if "mode" in self.config.hydra.sweep:
             os.chmod(sweep_dir, mode=int(str(self.config.hydra.sweep.mode), 8))
         self.run_ids.update({job[2]: uuid.uuid4().hex for job in jobs})
-        if not wave:
-            wave = max(1, (os.cpu_count() or 1) // int(params.get("cpus_per_task") or 1)) if self._EXECUTOR == "local" \
-                else len(jobs)
+        if not wave:  # locally: one job per cpus_per_task cores at once; on SLURM one array (array_parallelism)
+            per_core = max(1, (os.cpu_count() or 1) // int(params.get("cpus_per_task") or 1))
+            wave = per_core if self._EXECUTOR == "local" else len(jobs)
         returns: list[JobReturn] = []
         for start in range(0, len(jobs), wave):
             batch = jobs[start:start + wave]
