@@ -5,6 +5,7 @@
     python run.py experiment=paper_logreg
     python run.py experiment=paper_logreg resume=true   # continue the latest such run from its checkpoint
     python run.py -m algorithm=qafel,fedbuff seed=0,1   # multirun: every job runs; failures reported at the end
+    python run.py -m hydra/launcher=submitit_slurm hydra.launcher.partition=cpu seed=0,1,2   # as SLURM jobs
 
 Exit codes (each error is one line on stderr, ``error: ...``):
   0  completed
@@ -33,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from qafel.api import format_summary, run_experiment
 from qafel.checkpoint import extra_resume_overrides, find_resume_dir, load_run_config, resume_is_dir
+from qafel.cluster import register_launchers, resume_requeued
 from qafel.compose import hydra_group_default, settle_spellings
 from qafel.errors import EXIT_DIVERGED, QafelError, RunDirError, Terminated
 from qafel.multirun import JobFailed, in_multirun
@@ -46,6 +48,9 @@ def stop(code: int, message: str) -> NoReturn:
     if in_multirun():
         raise JobFailed(code, message)
     sys.exit(code)
+
+
+register_launchers()  # hydra/launcher=submitit_local|submitit_slurm: qafel's launchers (README "On a cluster")
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
@@ -67,10 +72,13 @@ def run(cfg: DictConfig) -> float | None:
     try:
         settle_spellings(cfg, list(hc.overrides.task), hydra_group_default(hc.runtime.choices, hydra.compose))
         resume = cfg.get("resume")
+        requeued = resume in (None, False) and resume_requeued(cfg, run_dir)
+        if requeued:  # a cluster job preempted or out of time, started again: continue its own run directory
+            resume = str(run_dir)
         if resume not in (None, False):
             from qafel.config import validate
 
-            if resume_is_dir(resume):
+            if resume_is_dir(resume) and not requeued:
                 extra = extra_resume_overrides(list(hc.overrides.task))
                 if extra:
                     raise RunDirError(f"resume={resume}: refused: {' '.join(extra)} (resume=RUN_DIR continues with "

@@ -30,6 +30,7 @@ from qafel.errors import ConfigError, OutputError, RunDirExistsError
 from qafel.models import FlatModel, build_module
 from qafel.optimum import objective, solve_optimum
 from qafel.quantizers import Quantizer, build_quantizer
+from qafel.signals import checkpointing_run, stop_if_preempted
 from qafel.system import map_in_threads, resolve_job_threads, tune_malloc
 from qafel.timing import Schedule
 from qafel.tracking import RunOrigin, RunRecorder, make_tracker, origin_record, read_origin, write_origin
@@ -262,9 +263,13 @@ def run_experiment(cfg: DictConfig | dict, output_dir: str | Path,
         if on_eval is not None:
             on_eval(record)
 
+    def checkpoint(e: Engine) -> None:
+        save_checkpoint(ckpt_path, e.state_dict(), cfg)
+        stop_if_preempted()  # a cluster job's preemption signal waited for this checkpoint (qafel.signals)
+
     engine = make_engine(s, on_eval=log,
                          on_server_step=(lambda _step: progress.update(1)) if progress is not None else None,
-                         on_checkpoint=lambda e: save_checkpoint(ckpt_path, e.state_dict(), cfg))
+                         on_checkpoint=checkpoint)
     previous_wall = 0.0
     if state is not None:
         engine.load_state_dict(state)
@@ -272,7 +277,8 @@ def run_experiment(cfg: DictConfig | dict, output_dir: str | Path,
         if progress is not None:
             progress.update(engine.server_step)
     try:
-        summary = engine.run()
+        with checkpointing_run():
+            summary = engine.run()
         save_checkpoint(ckpt_path, engine.state_dict(), cfg)
     except BaseException as exc:
         with suppress(Exception):  # the error that ended the run is the one to report

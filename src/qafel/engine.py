@@ -20,6 +20,7 @@ import torch
 from qafel.algorithms import ServerOptimizer, StalenessWeight, is_finite, reduce_buffer
 from qafel.clients import job_seed
 from qafel.quantizers import Quantizer
+from qafel.signals import preemption_requested
 from qafel.timing import Event, Job
 
 # Generator streams derived from the run seed (clients.job_seed's ``stream`` argument).
@@ -317,8 +318,8 @@ class Engine:
         if self.server_step % self.s.eval_every == 0 or self.server_step == self.s.server_steps:
             self._evaluate()
         every = self.s.checkpoint_every
-        if self.on_checkpoint is not None and every and self.server_step % every == 0:
-            self.on_checkpoint(self)
+        if self.on_checkpoint is not None and (every and self.server_step % every == 0 or preemption_requested()):
+            self.on_checkpoint(self)  # also when a cluster job is preempted (qafel.signals): it resumes from here
 
     def _move_hidden_state(self) -> None:
         """x̂ ← x̂ + Q_s(x − x̂) on the server and on every client copy, from the same broadcast message.

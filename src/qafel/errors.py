@@ -2,7 +2,7 @@
 
 Exit codes: 2 bad config value or data file (``ConfigError``, ``DataFileError``, ``DataFormatError``);
 4 refused because of the run directory (``RunDirError``: ``RunDirExistsError``, ``CheckpointError``);
-5 the output directory cannot be written (``OutputError``).
+5 the output directory cannot be written (``OutputError``). ``Terminated`` and ``Preempted`` are signals, not errors.
 """
 
 from __future__ import annotations
@@ -64,3 +64,12 @@ class OutputError(QafelError):
 
 class Terminated(BaseException):
     """SIGTERM arrived (see ``qafel.signals``): like KeyboardInterrupt, not an Exception, so nothing swallows it."""
+
+
+class Preempted(BaseException):
+    """The cluster's preemption or time-limit signal arrived in a submitit job (``qafel.signals.preempt_on``): the
+    run stopped after writing a checkpoint, and its job is requeued to continue from it (``qafel.cluster``)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}: preempted or out of time")
+        self.signum = signum

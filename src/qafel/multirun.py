@@ -78,9 +78,7 @@ class JobStatusCallback(Callback):
             text = "".join(traceback.format_exception(job_return._return_value))
             sys.stderr.write(text)
             (job_dir / "traceback.txt").write_text(text)
-        tmp = job_dir / f"{STATUS_FILE}.tmp"
-        tmp.write_text(json.dumps(status, indent=2) + "\n")
-        os.replace(tmp, job_dir / STATUS_FILE)
+        write_status(job_dir, status)
         if code and config.hydra.sweeper.get("_target_") == BASIC_SWEEPER:
             # the basic sweeper raises the first failed job after its batch, before on_multirun_end could report
             job_return.status = JobStatus.COMPLETED
@@ -99,6 +97,14 @@ class JobStatusCallback(Callback):
             print(f"  job {s['job']} ({own}): exit {s['exit_code']}" + (f": {s['message']}" if s["message"] else ""),
                   file=sys.stderr)
         sys.exit(multirun_exit_code([s["exit_code"] for s in failed]))
+
+
+def write_status(job_dir: Path, status: dict[str, Any]) -> None:
+    """Write a job's ``job_status.json`` atomically (also for a job that ended without a result, qafel.cluster)."""
+    job_dir.mkdir(parents=True, exist_ok=True)
+    tmp = job_dir / f"{STATUS_FILE}.tmp"
+    tmp.write_text(json.dumps(status, indent=2) + "\n")
+    os.replace(tmp, job_dir / STATUS_FILE)
 
 
 def read_statuses(sweep_dir: Path, multirun_id: str | None, since: float) -> list[dict[str, Any]]:

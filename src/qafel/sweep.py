@@ -5,6 +5,8 @@
     qafel-sweep sweeps/bitgrid.yaml --size smoke                # the sweep file's `smoke` size (tests)
     qafel-sweep sweeps/pareto_bytes.yaml --workers 2            # two local worker processes, one storage
     qafel-sweep sweeps/pareto_bytes.yaml --storage postgresql://user:pw@host/db --study-name pb1
+    qafel-sweep sweeps/bitgrid.yaml --launcher slurm --jobs 8   # worker jobs on SLURM (qafel.sweep_jobs)
+    qafel-sweep sweeps/bitgrid.yaml --status                    # the study's progress; --collect: its outputs now
     python -m qafel.sweep ...                                   # the same command
 
 A sweep file (``sweeps/*.yaml``)::
@@ -37,7 +39,8 @@ the RUNNING trials of workers that are gone (``qafel.sweep_runtime``). After the
 Exit codes: 0 done (trials may have failed or been pruned: see trials.csv); 2 bad sweep file, option, override
 or storage (one line naming it); 4 refused: the sweep directory or study name belongs to another sweep (one
 line saying which --sweep-dir or --study-name to use); 130 / 143 interrupted by SIGINT / SIGTERM (the running
-trials are failed, finished ones kept: rerun the same command to resume).
+trials are failed, finished ones kept: rerun the same command to resume). ``--launcher``, ``--status`` and
+``--collect`` use the same codes.
 """
 
 from __future__ import annotations
@@ -451,7 +454,8 @@ class SweepPlan:
     pinned: list[str] = field(default_factory=list)
     context: dict[str, str] = field(default_factory=dict)
     wandb: bool = False
-    fixed: dict[str, Any] = field(default_factory=dict)  # the effective config every trial shares (see run_sweep)
+    fixed: dict[str, Any] = field(default_factory=dict)  # the effective config every trial shares (see plan_sweep)
+    tracking: dict[str, Any] = field(default_factory=dict)  # the sweep's tracking node (W&B project, mode, ...)
 
     @property
     def params(self) -> list[Param]:
@@ -819,6 +823,7 @@ def create_or_load_study(plan: SweepPlan) -> optuna.Study:
     if "spec" not in study.user_attrs:
         study.set_user_attr("spec", spec_fingerprint(plan.spec, plan.fixed))
     _write_owner(plan)
+    write_spec_record(plan)
     return study
 
 
@@ -875,17 +880,20 @@ def _spawn_worker(plan: SweepPlan, n_trials: int | None, seed_offset: int, threa
             sys.exit(EXIT_REFUSED)
 
 
+def split_trials(n_trials: int | None, workers: int) -> list[int | None]:
+    """Each worker's number of trials (None: until the grid's queue is empty); workers without a trial left out."""
+    if n_trials is None:
+        return [None] * workers
+    return [s for s in (n_trials // workers + (i < n_trials % workers) for i in range(workers)) if s > 0]
+
+
 def run_workers(plan: SweepPlan, n_trials: int | None, workers: int, seed_offset: int) -> list[int]:
     """Run the trials in this process (one worker) or in ``workers`` spawned processes; the failed ones' exit
     codes. Interrupted (SIGINT, SIGTERM), the workers get 30 s to fail their trials, then SIGTERM, then SIGKILL."""
     if workers <= 1:
         _worker(plan, n_trials, seed_offset)
         return []
-    shares: list[int | None]
-    if n_trials is None:
-        shares = [None] * workers
-    else:
-        shares = [s for s in (n_trials // workers + (i < n_trials % workers) for i in range(workers)) if s > 0]
+    shares = split_trials(n_trials, workers)
     threads = max(1, (os.cpu_count() or 1) // len(shares))
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_spawn_worker, args=(plan, share, seed_offset + 7919 * (i + 1), threads, os.getpid()),
@@ -1054,7 +1062,7 @@ def write_outputs(study: optuna.Study, plan: SweepPlan) -> dict[str, Path]:
     return written
 
 
-def write_spec_record(plan: SweepPlan, tracking: Mapping[str, Any]) -> None:
+def write_spec_record(plan: SweepPlan) -> None:
     """``spec.json`` in the sweep directory: the study, its spec (base overrides, search space, objectives and
     directions, sampler, pruner), the overrides, the tracking settings and the summary run's W&B id, so that
     ``qafel-wandb`` rebuilds the summary run from the sweep's records alone."""
@@ -1068,8 +1076,8 @@ def write_spec_record(plan: SweepPlan, tracking: Mapping[str, Any]) -> None:
         "sweep": plan.spec.source, "storage": _owner_record(plan)["storage"],
         "overrides": [hide_passwords(o) for o in plan.overrides],
         **spec_fingerprint(plan.spec),
-        "tracking": {k: tracking.get(k) for k in ("backend", "project", "entity", "mode")}
-        | {"tags": list(tracking.get("tags") or [])},
+        "tracking": {k: plan.tracking.get(k) for k in ("backend", "project", "entity", "mode")}
+        | {"tags": list(plan.tracking.get("tags") or [])},
     })
 
 
@@ -1087,6 +1095,36 @@ def log_sweep_to_wandb(study: optuna.Study, plan: SweepPlan, written: Mapping[st
 
 
 # ----------------------------------------------------------------------------------------------- CLI
+def plan_sweep(sweep: str | Path | SweepSpec, *, n_trials: int | None = None, study_name: str | None = None,
+               storage: str | None = None, overrides: Sequence[str] = (), size: str | None = None,
+               sweep_dir: str | Path | None = None, need_n: bool = True,
+               check_params: bool = True) -> tuple[SweepPlan, int | None]:
+    """The sweep's plan and the number of trials to add (None: a grid's points not yet run), checked before
+    anything is written: the spec, the overrides, and (``check_params``) that every parameter changes the runs.
+    ``need_n``: a sampler other than grid needs ``n_trials`` (from the file or ``--n-trials``)."""
+    spec = sweep if isinstance(sweep, SweepSpec) else load_spec(sweep, size)
+    if isinstance(sweep, SweepSpec) and size:
+        spec = with_size(spec, size)
+    if n_trials is not None and n_trials < 0:
+        raise ConfigError("--n-trials", n_trials, "must be an integer >= 0")
+    name = study_name or (f"{spec.name}-{size}" if size else spec.name)
+    out = Path(sweep_dir) if sweep_dir else Path("outputs") / "sweeps" / name
+    n = n_trials if n_trials is not None else spec.n_trials
+    if need_n and n is None and spec.sampler["name"] != "grid":
+        raise ConfigError("n_trials", None, "set n_trials in the sweep file or pass --n-trials")
+    conf = config_dir()
+    all_overrides = merge_overrides(spec.base, overrides)
+    base_cfg = _base_config(all_overrides, conf)
+    plan = SweepPlan(spec=spec, study_name=name, storage=storage_url(storage or os.environ.get("QAFEL_STORAGE"), out),
+                     sweep_dir=out.resolve(), overrides=all_overrides, conf=conf,
+                     pinned=[override_key(o) for o in overrides], context=_context(base_cfg, spec, all_overrides),
+                     wandb=base_cfg.tracking.get("backend") == "wandb", fixed=_fixed_config(base_cfg),
+                     tracking=OmegaConf.to_container(base_cfg.tracking))
+    if check_params:
+        check_params_take_effect(plan)
+    return plan, n
+
+
 def run_sweep(sweep: str | Path | SweepSpec, *, n_trials: int | None = None, study_name: str | None = None,
               storage: str | None = None, workers: int = 1, overrides: Sequence[str] = (), size: str | None = None,
               sweep_dir: str | Path | None = None) -> tuple[optuna.Study, dict[str, Path]]:
@@ -1097,29 +1135,13 @@ def run_sweep(sweep: str | Path | SweepSpec, *, n_trials: int | None = None, stu
     the sweep directory). A grid reruns every point that has no COMPLETE or PRUNED trial, after failing the
     RUNNING trials of workers that are gone (``reclaim_dead_trials``).
     """
-    spec = sweep if isinstance(sweep, SweepSpec) else load_spec(sweep, size)
-    if isinstance(sweep, SweepSpec) and size:
-        spec = with_size(spec, size)
     if workers < 1:
         raise ConfigError("--workers", workers, "must be an integer >= 1")
-    if n_trials is not None and n_trials < 0:
-        raise ConfigError("--n-trials", n_trials, "must be an integer >= 0")
-    name = study_name or (f"{spec.name}-{size}" if size else spec.name)
-    out = Path(sweep_dir) if sweep_dir else Path("outputs") / "sweeps" / name
-    n = n_trials if n_trials is not None else spec.n_trials
-    if n is None and spec.sampler["name"] != "grid":
-        raise ConfigError("n_trials", None, "set n_trials in the sweep file or pass --n-trials")
-    conf = config_dir()
-    all_overrides = merge_overrides(spec.base, overrides)
-    base_cfg = _base_config(all_overrides, conf)
-    plan = SweepPlan(spec=spec, study_name=name, storage=storage_url(storage or os.environ.get("QAFEL_STORAGE"), out),
-                     sweep_dir=out.resolve(), overrides=all_overrides, conf=conf,
-                     pinned=[override_key(o) for o in overrides], context=_context(base_cfg, spec, all_overrides),
-                     wandb=base_cfg.tracking.get("backend") == "wandb", fixed=_fixed_config(base_cfg))
-    check_params_take_effect(plan)
+    plan, n = plan_sweep(sweep, n_trials=n_trials, study_name=study_name, storage=storage, overrides=overrides,
+                         size=size, sweep_dir=sweep_dir)
+    out = plan.sweep_dir
     out.mkdir(parents=True, exist_ok=True)
     study = create_or_load_study(plan)
-    write_spec_record(plan, base_cfg.tracking)
     before = len(study.trials)
     n = _plan_trials(study, plan, n, workers)
     failed_workers: list[int] = []
@@ -1294,9 +1316,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", default=None,
                    help="Optuna storage URL: sqlite:///f.db, postgresql://user:pw@host/db, journal:PATH "
                         "(default: the environment variable QAFEL_STORAGE, else sqlite in the sweep directory)")
-    p.add_argument("--workers", type=int, default=1, help="local worker processes on the same storage")
+    p.add_argument("--workers", type=int, default=None, help="local worker processes on the same storage (default 1)")
     p.add_argument("--size", default=None, help="a size from the sweep file's sizes (e.g. smoke)")
     p.add_argument("--sweep-dir", default=None, help="output directory (default: outputs/sweeps/STUDY)")
+    cluster = p.add_argument_group("on a cluster (README \"On a cluster\"; qafel.sweep_jobs)")
+    cluster.add_argument("--launcher", default=None, metavar="slurm|local",
+                         help="submit --jobs worker jobs through submitit on the study's storage and return "
+                              "(slurm_gpu: one GPU per job)")
+    cluster.add_argument("--jobs", type=int, default=None, help="worker jobs to submit with --launcher (default 1)")
+    cluster.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
+                         help="a job setting, a key of conf/hydra/launcher/submitit_slurm.yaml (or _local.yaml): "
+                              "partition=gpu, timeout_min=600, cpus_per_task=8, mem_gb=32, array_parallelism=4, ...")
+    cluster.add_argument("--dry-run", action="store_true",
+                         help="with --launcher: print the submission script (sbatch), submit nothing")
+    cluster.add_argument("--status", action="store_true",
+                         help="print the study's progress from its storage (trials by state, best so far)")
+    cluster.add_argument("--collect", action="store_true",
+                         help="write trials.csv, pareto.csv or best.yaml and the W&B summary from the storage now")
     return p
 
 
@@ -1305,8 +1341,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     try:
         with sigterm_interrupts():
+            if args.launcher or args.status or args.collect or args.jobs is not None or args.slurm or args.dry_run:
+                from qafel.sweep_jobs import cluster_command
+
+                return cluster_command(args)
             study, written = run_sweep(args.sweep, n_trials=args.n_trials, study_name=args.study_name,
-                                       storage=args.storage, workers=args.workers, overrides=args.overrides,
+                                       storage=args.storage, workers=1 if args.workers is None else args.workers,
+                                       overrides=args.overrides,
                                        size=args.size, sweep_dir=args.sweep_dir)
     except SweepRefused as exc:
         print(f"error: {exc}", file=sys.stderr)
