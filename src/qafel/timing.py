@@ -1,10 +1,12 @@
 """The asynchronous system's event schedule (ALGORITHMS.md section 6).
 
-Timing is exogenous: who trains when never depends on model values, so the schedule is generated from its
-own seeded generator and is identical for every algorithm given the same seed (QAFeL and FedBuff see the
-same jobs, job for job). A :class:`Schedule` is an infinite, lazily generated, time-ordered stream of
-:class:`Event` s: a ``"start"`` when a client begins a job and an ``"arrival"`` when the job's update reaches
-the server. Order: by time; at equal times arrivals before starts; then by job id.
+Timing is exogenous: who trains when never depends on model values, so the schedule is generated from its own
+seeded generator and is identical for every algorithm given the same seed (QAFeL and FedBuff see the same jobs,
+job for job; under ``timing=trace`` durations depend on each algorithm's payload sizes, so the algorithms share
+the devices, availability and random streams, not the jobs). A :class:`Schedule` is an infinite, lazily
+generated, time-ordered stream of :class:`Event` s: a ``"start"`` when a client begins a job and an
+``"arrival"`` when the job's update reaches the server. Order: by time; at equal times arrivals before starts;
+then by job id.
 
 Config (``timing`` node, plain dict or OmegaConf DictConfig; missing optional keys take the defaults shown)::
 
@@ -31,6 +33,17 @@ Config (``timing`` node, plain dict or OmegaConf DictConfig; missing optional ke
                               # the i-th start at an arrival's time is the restart of the i-th arrival at that time
     duration: {...same node...}
 
+    # timing=trace (docs/traces.md): durations from device traces and the bytes each job moves
+    name: trace
+    loop: closed_loop         # closed_loop (concurrency, restart) | open_loop (arrival, rate, sample_busy_clients,
+                              # offline_start); the other loop's keys must be null
+    offline_start: redraw     # open loop: a start whose client is offline picks uniformly among online clients
+                              # (redraw, counted in redrawn_starts) or is skipped (skip, offline_skipped_starts)
+    finish_offline: false     # false: a job whose client goes offline before it ends is dropped at that moment
+    trace: synthetic          # synthetic (the `synthetic` node: qafel.traces.SYNTHETIC_DEFAULTS) | file
+    trace_file: null          # trace=file: a .json or .csv trace (qafel.traces.load_trace); client i uses row
+                              # i mod rows
+
 Duration node (``distribution`` and the keys it uses; the other keys are ignored):
 
 - ``halfnormal``: min + |N(0, sigma^2)|, sigma > 0 (the paper: sigma = 1, min = 0).
@@ -43,23 +56,13 @@ Duration node (``distribution`` and the keys it uses; the other keys are ignored
 - ``client_speed_sigma`` >= 0 (default 0): a persistent per-client slowness factor exp(N(0, s^2)), drawn once
   per client at construction, multiplies the part above ``min`` for every job of that client.
 
-    # timing=trace (docs/traces.md): durations from device traces and the bytes each job moves
-    name: trace
-    loop: closed_loop         # closed_loop (concurrency, restart) | open_loop (arrival, rate, sample_busy_clients,
-                              # offline_start); the other loop's keys must be null
-    offline_start: redraw     # open loop: a start whose client is offline picks uniformly among online clients
-                              # (redraw, counted in redrawn_starts) or is skipped (skip, offline_skipped_starts)
-    finish_offline: false     # false: a job whose client goes offline before it ends is dropped at that moment
-    trace: synthetic          # synthetic (the `synthetic` node: qafel.traces.SYNTHETIC_DEFAULTS) | file
-    trace_file: null          # trace=file: a .json or .csv trace (qafel.traces.load_trace); client i uses row
-                              # i mod rows
-    Closed-loop restarts start from the model current at their start (``restart_model`` is not a trace key);
-    ``same`` waits until its client is online again, ``random_idle`` picks among idle online clients (or waits
-    for one). The ``duration`` node must keep its defaults: durations come from the trace. A trace schedule
-    needs ``workload`` (qafel.trace_timing.Workload: payload sizes and local work); it also yields ``"drop"``
-    events (a job lost when its client went offline, at that moment) and ``"online"``/``"offline"`` events
-    (``Event.client``; the clients online at 0 first). Order at equal times: arrivals, availability changes,
-    drops, starts.
+Trace timing (``name: trace``): closed-loop restarts start from the model current at their start
+(``restart_model`` is not a trace key); ``same`` waits until its client is online again, ``random_idle`` picks
+among idle online clients (or waits for one). The ``duration`` node must keep its defaults: durations come from
+the trace. A trace schedule needs ``workload`` (qafel.trace_timing.Workload: payload sizes and local work); it
+also yields ``"drop"`` events (a job lost when its client went offline, at that moment) and ``"online"`` /
+``"offline"`` events (``Event.client``; the clients online at 0 first). Order at equal times: arrivals,
+availability changes, drops, starts.
 
 Random numbers: four independent streams (start gaps, client choices, durations, client speeds) spawned from
 ``numpy.random.SeedSequence([seed, _TIMING_TAG])`` and drawn in fixed-size blocks, so the k-th job's duration
