@@ -19,7 +19,7 @@ from qafel.data.fixtures import (
 )
 
 EXPERIMENTS = ("paper_logreg", "paper_celeba", "paper_cifar10", "paper_cifar10_concurrency", "paper_shakespeare",
-               "fmnist_bitgrid", "shakespeare_roles")
+               "fmnist_bitgrid", "shakespeare_roles", "bandwidth_limited")
 QUICK = (*FAST, "run.server_steps=2", "run.eval_every=1", "algorithm.buffer_size=2")
 
 
@@ -123,6 +123,28 @@ def test_fmnist_bitgrid_runs_on_an_idx_fixture(tmp_path):
     summary = run(tmp_path, "fmnist_bitgrid", "dataset.num_clients=15", "client_quantizer.bits=2",
                   "server_quantizer.bits=8")
     assert summary["num_parameters"] == 31_018 and summary["partition"]["clients"] == 15
+
+
+def test_bandwidth_limited_runs_on_an_idx_fixture(tmp_path):
+    write_fashion_mnist(tmp_path / "data", n_train=60, n_test=20)
+    summary = run(tmp_path, "bandwidth_limited", "dataset.num_clients=15", "timing.concurrency=4")
+    assert summary["num_parameters"] == 31_018 and summary["message_bytes_up"] == 16_276  # min-max 4 bits
+    assert summary["time_to_target"] is None or summary["time_to_target"] > 0
+    assert summary["upload_time_mean"] > 0 and summary["communication_time_total"] > 0
+
+
+def test_bandwidth_limited_is_the_fmnist_protocol_on_slow_uplinks():
+    c = validate(compose_cfg("experiment=bandwidth_limited"))
+    base = validate(compose_cfg("experiment=fmnist_bitgrid"))
+    assert (c.timing.name, c.timing.loop, c.timing.concurrency, c.timing.trace) == ("trace", "closed_loop", 50,
+                                                                                      "synthetic")
+    assert c.timing.synthetic.uplink_kbps < c.timing.synthetic.downlink_kbps <= 1000
+    for node in ("dataset", "model", "client", "algorithm", "client_quantizer", "server_quantizer"):
+        assert c[node] == base[node]
+    assert (c.server.staleness.weight, c.server.staleness.exponent, c.server.staleness.normalize) == \
+        ("polynomial", 0.5, True)
+    assert (c.server.lr, c.server.reduction) == (base.server.lr, base.server.reduction)
+    assert (c.run.server_steps, c.run.target_accuracy) == (base.run.server_steps, base.run.target_accuracy)
 
 
 def test_shakespeare_roles_runs_on_a_plays_fixture(tmp_path):

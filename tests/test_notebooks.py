@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO, need_data_file
 
+from qafel.report_plots import PLOT_FILES
+
 nbformat = pytest.importorskip("nbformat", reason="needs the dev extra: pip install -e '.[dev]'")
 nbclient = pytest.importorskip("nbclient", reason="needs the dev extra: pip install -e '.[dev]'")
 
@@ -44,7 +46,7 @@ def test_notebook_executes_top_to_bottom(path, tmp_path):
         assert {d.name for d in reports.iterdir()} == {"lr_qsgd", "lr_topk", "lr_local_steps", "bitgrid_digits"}
         for d in reports.iterdir():
             assert (d / "table.md").stat().st_size > 0 and (d / "table.csv").stat().st_size > 0
-            assert len(list(d.glob("*.png"))) == 6
+            assert len(list(d.glob("*.png"))) == len(PLOT_FILES)
         shown = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
         assert len(shown) >= 8
         text = "".join(o.get("data", {}).get("text/markdown", "") for c in nb.cells for o in c.get("outputs", []))

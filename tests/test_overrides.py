@@ -30,7 +30,7 @@ from qafel.errors import ConfigError
 from qafel.quantizers import build_quantizer
 
 EXPERIMENTS = ("paper_logreg", "paper_celeba", "paper_cifar10", "paper_cifar10_concurrency", "paper_shakespeare",
-               "fmnist_bitgrid", "shakespeare_roles")
+               "fmnist_bitgrid", "shakespeare_roles", "bandwidth_limited")
 QUICK = (*FAST, "run.server_steps=1", "run.eval_every=1", "algorithm.buffer_size=2", "run.compute_optimum=false")
 # Per experiment: overrides that make it run on the fixtures written by `fixture_root`.
 ON_FIXTURES = {
@@ -40,6 +40,7 @@ ON_FIXTURES = {
     "paper_cifar10_concurrency": ("dataset.num_clients=6",),
     "paper_shakespeare": ("dataset.seq_length=12", "client.batch_size=4"),
     "fmnist_bitgrid": ("dataset.num_clients=6",),
+    "bandwidth_limited": ("dataset.num_clients=6",),
     "shakespeare_roles": ("dataset.file=plays", "dataset.seq_length=12", "dataset.stride=40", "client.batch_size=4"),
 }
 # Quantizer choices and the options each one's group file sets (the oracle for the payload size).
@@ -87,7 +88,8 @@ def fixture_root(tmp_path_factory) -> Path:
 def brief_run(root: Path, experiment: str, *overrides: str) -> tuple[dict, object]:
     """Compose as run.py does, run one server step with about two jobs in flight; (summary, RunSetup)."""
     base = (f"experiment={experiment}", *QUICK, f"paths.data_root={root}", *ON_FIXTURES[experiment])
-    closed = compose_cfg(*base, *overrides).timing.name == "closed_loop"
+    timing = compose_cfg(*base, *overrides).timing
+    closed = timing.name == "closed_loop" or timing.get("loop") == "closed_loop"  # timing=trace: its own loop key
     calm = "timing.concurrency=2" if closed else "timing.rate=2"
     s = setup_run(compose_cfg(*base, calm, *overrides))
     summary = make_engine(s).run()

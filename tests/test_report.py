@@ -170,6 +170,26 @@ def test_ratios_to_fedbuff_at_target(tmp_path):
     assert n.stats["mb_broadcast_at_target"].mean == pytest.approx(100 * 100 / 1e6)  # per-job downloads
 
 
+def test_simulated_time_to_target_and_its_ratio_to_fedbuff(tmp_path):
+    """A run's own sim_time at the first evaluation at or above the target (timing=trace: seconds)."""
+    fb = make_run(tmp_path / "fb", algorithm="fedbuff", accs=(0.1, 0.5, 0.9, 0.95))
+    q = make_run(tmp_path / "q", algorithm="qafel", accs=(0.1, 0.5, 0.6, 0.9))
+    for run, seconds_per_step in ((fb, 8.0), (q, 1.5)):  # slow fp32 uploads vs fast 4-bit ones
+        lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        for rec in lines:
+            rec["sim_time"] = seconds_per_step * rec["server_step"]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    report = write_report([tmp_path], tmp_path / "out", plots=False)
+    row = report.row("qafel minmax 4b/minmax 4b")
+    assert row.stats["time_to_target"].values == [1.5 * 30]
+    assert report.row("fedbuff").stats["time_to_target"].mean == 8.0 * 20
+    assert row.ratios["time_vs_fedbuff"] == pytest.approx(45 / 160)
+    assert "| MB broadcast at target | sim time to target |" in report.markdown
+    assert "sim time ÷ FedBuff" in report.markdown and "0.28×" in report.markdown
+    c = read_csv(tmp_path / "out" / "table.csv")["qafel minmax 4b/minmax 4b"]
+    assert float(c["time_to_target_mean"]) == 45.0 and float(c["time_vs_fedbuff"]) == pytest.approx(45 / 160)
+
+
 def test_labels_name_what_varies():
     assert quantizer_label({"name": "qsgd", "levels": 4, "bits": 4}) == ("qsgd s=4", 4)
     assert quantizer_label({"name": "qsgd", "levels": None, "bits": 2}) == ("qsgd 2b", 2)

@@ -33,16 +33,19 @@ from qafel.quantizers import Quantizer, build_quantizer
 from qafel.signals import checkpointing_run, stop_if_preempted
 from qafel.system import map_in_threads, resolve_job_threads, tune_malloc
 from qafel.timing import Schedule
+from qafel.trace_timing import Workload
 from qafel.tracking import RunOrigin, RunRecorder, make_tracker, origin_record, read_origin, write_origin
 
 #: The keys run_experiment adds to the engine's summary.
-RUN_SUMMARY_KEYS = ("skipped_starts", "f_star", "partition", "dataset", "model", "client_quantizer",
-                    "server_quantizer", "seed", "wall_time_s", "resumed", "run_dir", "run_id")
+RUN_SUMMARY_KEYS = ("skipped_starts", "offline_skipped_starts", "redrawn_starts", "f_star", "partition", "dataset",
+                    "model", "client_quantizer", "server_quantizer", "seed", "wall_time_s", "resumed", "run_dir",
+                    "run_id")
 #: Every key summary.json can hold (EVAL_SUMMARY_KEYS only when the evaluator reports them).
 SUMMARY_KEYS = tuple(dict.fromkeys((*ENGINE_SUMMARY_KEYS, *EVAL_SUMMARY_KEYS, *RUN_SUMMARY_KEYS)))
 #: The summary keys whose values are not numbers (they cannot be sweep objectives).
-TEXT_SUMMARY_KEYS = frozenset({"status", "algorithm", "staleness_histogram", "partition", "dataset", "model",
-                               "client_quantizer", "server_quantizer", "resumed", "run_dir", "run_id"})
+TEXT_SUMMARY_KEYS = frozenset({"status", "algorithm", "staleness_histogram", "dropped_by_reason", "partition",
+                               "dataset", "model", "client_quantizer", "server_quantizer", "resumed", "run_dir",
+                               "run_id"})
 #: The summary keys a sweep objective may name (numbers, or null when not reached).
 NUMERIC_SUMMARY_KEYS = tuple(k for k in SUMMARY_KEYS if k not in TEXT_SUMMARY_KEYS)
 
@@ -56,6 +59,28 @@ def build_model(cfg: DictConfig, data: FederatedData) -> FlatModel:
 def timing_options(timing: DictConfig) -> dict[str, Any]:
     """The timing node as a plain dict without the keys the chosen loop does not use (left null)."""
     return {k: v for k, v in OmegaConf.to_container(timing).items() if v is not None}
+
+
+def trace_workload(cfg: DictConfig, data: FederatedData, qc: Quantizer, qs: Quantizer) -> Workload | None:
+    """What timing=trace prices jobs with (None for other timings): the exact upload size, what a job start
+    downloads (FedBuff: the fp32 model; QAFeL: the missed broadcasts Q_s(x − x̂), capped at the fp32 model;
+    naive: one Q_s(x)), and each client's samples and local steps per job. Data-dependent sizes (QSGD's
+    Elias-gamma coding) are refused: the schedule is drawn before any job runs."""
+    if cfg.timing.name != "trace":
+        return None
+    algorithm = cfg.algorithm.name
+    for side, q in (("client_quantizer", qc), ("server_quantizer", qs)):
+        if q.payload_bytes() is None and (side == "client_quantizer" or algorithm != "fedbuff"):
+            raise ConfigError(f"{side}.coding", cfg[side].coding, "timing=trace prices every message before the "
+                              "job runs, and Elias-gamma sizes depend on the data: use coding=fixed")
+    model_bytes = qc.fp32_bytes()
+    server = model_bytes if algorithm == "fedbuff" else qs.payload_bytes()
+    local = local_training(cfg)
+    sizes = [int(n) for n in data.client_sizes.tolist()]
+    return Workload(upload_bytes=int(qc.payload_bytes() or 0), server_bytes=int(server or 0), model_bytes=model_bytes,
+                    download="fresh" if algorithm == "naive" else "catch_up",
+                    buffer_size=int(cfg.algorithm.buffer_size), max_staleness=cfg.server.max_staleness,
+                    samples=tuple(local.samples_for(n) for n in sizes), steps=tuple(local.steps_for(n) for n in sizes))
 
 
 def local_training(cfg: DictConfig) -> LocalTraining:
@@ -140,7 +165,8 @@ def setup_run(cfg: DictConfig | dict) -> RunSetup:
     model.module.to(device)
     qc = build_quantizer(quantizer_options(cfg.client_quantizer), model.layout, key="client_quantizer")
     qs = build_quantizer(quantizer_options(cfg.server_quantizer), model.layout, key="server_quantizer")
-    schedule = Schedule(timing_options(cfg.timing), data.num_clients, cfg.seed, client_sizes=data.client_sizes.tolist())
+    schedule = Schedule(timing_options(cfg.timing), data.num_clients, cfg.seed, client_sizes=data.client_sizes.tolist(),
+                        workload=trace_workload(cfg, data, qc, qs))
     x0 = model.initial_vector(cfg.seed, cfg.model.init).to(device)
     want_optimum = cfg.run.compute_optimum if cfg.run.compute_optimum is not None else cfg.model.name == "logreg"
     f_star = solve_optimum(model, data.X, data.y)[0] if want_optimum else None
@@ -177,7 +203,8 @@ def make_engine(s: RunSetup, on_eval: Callable[[dict[str, Any]], None] | None = 
         max_staleness=cfg.server.max_staleness, codec=cfg.run.codec,
         hidden_state_replicas=cfg.algorithm.hidden_state_replicas, client_batch=cfg.run.client_batch,
         target_accuracy=cfg.run.target_accuracy, checkpoint_every=cfg.run.checkpoint_every,
-        restart_before_step=s.schedule.restart_before_step)
+        restart_before_step=s.schedule.restart_before_step, trace_timing=s.schedule.is_trace,
+        num_clients=s.data.num_clients)
     trainer = make_trainer(cfg.run.trainer, s.model, s.data, local_training(cfg), s.x0.device,
                            cfg.run.job_threads)
     return Engine(settings, x0=s.x0, trainer=trainer,
@@ -290,6 +317,8 @@ def run_experiment(cfg: DictConfig | dict, output_dir: str | Path,
         recorder.close()
     summary.update({
         "skipped_starts": s.schedule.skipped_starts,
+        "offline_skipped_starts": s.schedule.offline_skipped_starts if s.schedule.is_trace else None,
+        "redrawn_starts": s.schedule.redrawn_starts if s.schedule.is_trace else None,
         "f_star": s.f_star,
         "partition": s.data.stats,
         "dataset": cfg.dataset.name,
@@ -353,6 +382,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     if target is not None:
         hit = summary.get("uploads_to_target")
         lines.append(f"{f'uploads to {target:.0%}':<18}{hit if hit is not None else 'not reached'}")
+        if summary.get("time_to_target") is not None:
+            lines.append(f"{f'sim time to {target:.0%}':<18}{summary['time_to_target']:,.1f}")
     lines += [
         f"parameters        {summary['num_parameters']:,}",
         f"server steps      {summary['server_steps']:,}",
@@ -365,7 +396,16 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"bytes downloaded  {mb(summary['bytes_down_naive'])}  (naive: one Q_s(x) per job start)")
     if summary.get("reduction_vs_fedbuff") is not None:
         lines.append(f"vs fp32 FedBuff   {summary['reduction_vs_fedbuff']:.2f}x fewer bytes in total")
+    if summary.get("communication_time_mean") is not None:
+        lines.append(f"per job (s)       compute {summary['compute_time_mean']:.3g}, communication "
+                     f"{summary['communication_time_mean']:.3g} (download {summary['download_time_mean']:.3g}, "
+                     f"upload {summary['upload_time_mean']:.3g})")
+        reasons = summary.get("dropped_by_reason") or {}
+        lines.append(f"availability      {summary['mean_online_fraction'] or 0:.1%} of clients online on average; "
+                     f"{reasons.get('offline', 0):,} jobs lost offline; {summary.get('redrawn_starts') or 0:,} "
+                     f"starts redrawn, {summary.get('offline_skipped_starts') or 0:,} skipped")
     lines += [
+        f"sim time          {summary['sim_time']:,.1f}",
         f"mean staleness    {summary['mean_staleness']:.2f}   mean concurrency {summary['mean_concurrency']:.1f}",
         f"wall time         {summary['wall_time_s']:.1f} s",
         f"run directory     {summary['run_dir']}",

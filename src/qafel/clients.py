@@ -58,6 +58,13 @@ class LocalTraining:
             return [None] * steps
         return [torch.randperm(n, generator=generator)[: self.batch_size] for _ in range(steps)]
 
+    def samples_for(self, n: int) -> int:
+        """Training samples a job on ``n`` samples processes (summed over its local steps)."""
+        if self.local_epochs is not None:
+            return self.local_epochs * n
+        batch = n if self.batch_size is None else min(self.batch_size, n)
+        return int(self.local_steps or 0) * batch
+
     def steps_for(self, n: int) -> int:
         """Number of local steps a job on ``n`` samples takes."""
         if self.local_epochs is None:

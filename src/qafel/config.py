@@ -94,6 +94,12 @@ class TimingConfig:
     concurrency: int | None = None
     restart: str | None = None
     restart_model: str | None = None   # closed loop: before_step (the authors' LR code) | after_step
+    loop: str | None = None            # trace: closed_loop | open_loop (docs/traces.md)
+    offline_start: str | None = None   # trace, open loop: redraw | skip
+    finish_offline: bool | None = None  # trace: a job whose client goes offline finishes anyway
+    trace: str | None = None           # trace: synthetic | file
+    trace_file: str | None = None      # trace=file: a .json or .csv trace
+    synthetic: Any = None              # trace=synthetic: the generator's parameters (qafel.traces)
     duration: DurationConfig = field(default_factory=DurationConfig)
 
 

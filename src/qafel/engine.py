@@ -28,20 +28,32 @@ STREAM_CLIENT_TRAIN = 1
 STREAM_CLIENT_QUANT = 2
 STREAM_SERVER_QUANT = 3
 
+#: Summary keys only timing=trace fills (null otherwise): per arrived job, seconds downloading, computing and
+#: uploading (totals and means; communicating = downloading + uploading), the bytes clients downloaded to start
+#: jobs, the work lost to offline drops, and the time-averaged fraction of clients online.
+TRACE_SUMMARY_KEYS = (
+    "download_time_total", "compute_time_total", "upload_time_total", "communication_time_total",
+    "download_time_mean", "compute_time_mean", "upload_time_mean", "communication_time_mean", "bytes_down_clients",
+    "offline_lost_time_total", "mean_online_fraction")
+#: The reasons an update is dropped (``dropped_by_reason``): staler than server.max_staleness, or its client
+#: went offline before the job ended (trace timing).
+DROP_REASONS = ("stale", "offline")
 #: The keys of ``Engine.summary()``, in order (sweep objectives and tests read this list, so it cannot drift).
 ENGINE_SUMMARY_KEYS = (
     "status", "algorithm", "final_accuracy", "final_loss", "server_steps", "uploads", "jobs_started",
     "dropped_updates", "bytes_up", "bytes_broadcast", "bytes_down_naive", "bytes_total", "bytes_up_fp32_equivalent",
     "bytes_broadcast_fp32_equivalent", "bytes_down_naive_fp32_equivalent", "message_bytes_up",
     "message_bytes_broadcast", "message_bytes_down_naive", "reduction_vs_fedbuff", "num_parameters",
-    "target_accuracy", "uploads_to_target", "bytes_up_at_target", "bytes_broadcast_at_target", "mean_staleness",
-    "max_staleness_seen", "staleness_histogram", "mean_concurrency", "sim_time", "wall_time_s", "diverged_at_step")
+    "target_accuracy", "uploads_to_target", "bytes_up_at_target", "bytes_broadcast_at_target", "time_to_target",
+    "mean_staleness", "max_staleness_seen", "staleness_histogram", "mean_concurrency", "sim_time", "wall_time_s",
+    "diverged_at_step", "dropped_by_reason", *TRACE_SUMMARY_KEYS)
 #: Evaluation keys the summary copies from the last evaluation when the evaluator reports them.
 EVAL_SUMMARY_KEYS = ("suboptimality", "train_objective", "hidden_state_error")
-#: The keys an evaluation record (a metrics.jsonl line) can hold (the last three only when they apply).
+#: The keys an evaluation record (a metrics.jsonl line) can hold (the evaluator's extra keys and
+#: ``online_fraction``, under timing=trace, only when they apply).
 RECORD_KEYS = ("server_step", "uploads", "sim_time", "accuracy", "loss", "bytes_up", "bytes_broadcast",
                "bytes_down_naive", "bytes_total", "mean_staleness", "in_flight", "dropped_updates", "wall_time_s",
-               *EVAL_SUMMARY_KEYS)
+               *EVAL_SUMMARY_KEYS, "online_fraction")
 
 
 @dataclass(frozen=True)
@@ -62,6 +74,8 @@ class EngineSettings:
     checkpoint_every: int = 0         # call on_checkpoint every this many server steps (0: never)
     restart_before_step: bool = False  # closed loop, the authors' LR code: a job restarted by an arrival starts
                                        # from the model as of that arrival, before the server step it completes
+    trace_timing: bool = False        # timing=trace: jobs carry download/compute/upload times; clients go offline
+    num_clients: int = 0              # for the fraction of clients online (trace timing)
 
 
 @dataclass
@@ -77,7 +91,8 @@ class _InFlight:
 
 def _job_state(e: _InFlight) -> dict[str, Any]:
     j = e.job
-    return {"job": [j.job_id, j.client, j.start, j.end], "start_step": e.start_step,
+    return {"job": [j.job_id, j.client, j.start, j.end, j.download, j.compute, j.upload, j.bytes_down, j.dropped],
+            "start_step": e.start_step,
             "version": None if e.version is None else list(e.version), "start": e.start, "update": e.update,
             "payload": e.payload, "nbytes": e.nbytes}
 
@@ -94,8 +109,8 @@ def _to_device(obj: Any, device: torch.device) -> Any:
 
 
 def _job_from_state(d: dict[str, Any]) -> _InFlight:
-    job_id, client, start, end = d["job"]
-    return _InFlight(Job(int(job_id), int(client), float(start), float(end)), d["start_step"],
+    job_id, client, start, end, *trace = d["job"]  # checkpoints before trace timing hold the first four
+    return _InFlight(Job(int(job_id), int(client), float(start), float(end), *trace), d["start_step"],
                      None if d["version"] is None else tuple(d["version"]), d["start"], d["update"], d["payload"],
                      d["nbytes"])
 
@@ -115,6 +130,14 @@ class Counters:
     staleness_count: int = 0
     staleness_hist: Counter = field(default_factory=Counter)
     concurrency_area: float = 0.0
+    dropped_by_reason: Counter = field(default_factory=Counter)
+    download_time: float = 0.0        # trace timing: seconds over the arrived jobs
+    compute_time: float = 0.0
+    upload_time: float = 0.0
+    bytes_down_clients: int = 0       # trace timing: bytes clients received to start their jobs
+    offline_lost_time: float = 0.0    # trace timing: seconds of jobs lost to their client going offline
+    online: int = 0                   # trace timing: clients online now, and the integral of that over time
+    online_area: float = 0.0
 
 
 class VersionStore:
@@ -201,16 +224,25 @@ class Engine:
         """
         if not self.history:
             self._evaluate()
-        for event in self.schedule:
-            if self.server_step >= self.s.server_steps or self.status != "running":
+        while self.server_step < self.s.server_steps and self.status == "running":
+            event = next(self.schedule, None)  # not drawn past the last event processed: the schedule's counters
+            if event is None:  # a trace whose clients never come online again   # match the run's events
+                self.status = "trace_ended"
                 break
             self.events_processed += 1
-            self.c.concurrency_area += len(self.jobs) * (event.time - self.time)
+            dt = event.time - self.time
+            self.c.concurrency_area += len(self.jobs) * dt
+            self.c.online_area += self.c.online * dt
             self.time = event.time
-            if event.kind == "start":
+            kind = event.kind
+            if kind == "start":
                 self._on_start(event.job)
-            else:
+            elif kind == "arrival":
                 self._on_arrival(event.job)
+            elif kind == "drop":
+                self._on_drop(event.job)
+            else:
+                self.c.online += 1 if kind == "online" else -1
         if self.status == "running":
             self.status = "completed"
         if self._last_eval_step != self.server_step:
@@ -219,6 +251,7 @@ class Engine:
 
     def _on_start(self, job: Job) -> None:
         self.c.jobs_started += 1
+        self.c.bytes_down_clients += job.bytes_down
         entry = _InFlight(job, self.server_step)
         owed = self.owed_starts.pop(0) if self.owed_starts and self.owed_starts[0][0] == job.start else None
         if owed is not None:  # the restart of an arrival at this time: the model as of that arrival
@@ -254,9 +287,13 @@ class Engine:
         update = self.qc.decode(entry.payload).to(self.x.device) if entry.payload is not None else entry.update
         self.c.uploads += 1
         self.c.bytes_up += entry.nbytes
+        self.c.download_time += job.download
+        self.c.compute_time += job.compute
+        self.c.upload_time += job.upload
         tau = self.server_step - entry.start_step
         if self.s.max_staleness is not None and tau > self.s.max_staleness:
             self.c.dropped_updates += 1
+            self.c.dropped_by_reason["stale"] += 1
             return
         self.c.staleness_sum += tau
         self.c.staleness_count += 1
@@ -270,9 +307,19 @@ class Engine:
         if self.k == self.s.buffer_size:
             self._server_update()
 
+    def _on_drop(self, job: Job) -> None:
+        """A job lost when its client went offline (trace timing): never trained, nothing uploaded."""
+        entry = self.jobs.pop(job.job_id)
+        if entry.version is not None:
+            self.versions.release(entry.version)
+        self.c.dropped_updates += 1
+        self.c.dropped_by_reason["offline"] += 1
+        self.c.offline_lost_time += job.end - job.start
+
     def _train_pending(self) -> None:
-        """Train every started, untrained job in flight (their start models are all known) in batches."""
-        pending = [e for e in self.jobs.values() if e.update is None and e.payload is None]
+        """Train every started, untrained job in flight (their start models are all known) in batches; jobs the
+        schedule will drop are not trained."""
+        pending = [e for e in self.jobs.values() if e.update is None and e.payload is None and not e.job.dropped]
         for i in range(0, len(pending), self.s.client_batch):
             chunk = pending[i:i + self.s.client_batch]
             starts = torch.stack([e.start if e.start is not None else self.versions.get(e.version) for e in chunk])
@@ -374,6 +421,7 @@ class Engine:
         """
         counters = {f.name: getattr(self.c, f.name) for f in fields(self.c)}
         counters["staleness_hist"] = dict(self.c.staleness_hist)
+        counters["dropped_by_reason"] = dict(self.c.dropped_by_reason)
         return {**{k: getattr(self, k) for k in self._STATE},
                 "jobs": [_job_state(e) for e in self.jobs.values()],
                 "versions": self.versions.state_dict(),
@@ -397,7 +445,8 @@ class Engine:
         self.owed_starts = [(t, step, ref if isinstance(ref, torch.Tensor) else tuple(ref))
                             for t, step, ref in state["owed_starts"]]
         self.versions.load_state_dict(state["versions"])
-        self.c = Counters(**{**state["c"], "staleness_hist": Counter(state["c"]["staleness_hist"])})
+        self.c = Counters(**{**state["c"], "staleness_hist": Counter(state["c"]["staleness_hist"]),
+                             "dropped_by_reason": Counter(state["c"].get("dropped_by_reason", {}))})
         self.optimizer.__dict__.update(state["optimizer"])
         self.server_gen.set_state(state["server_gen"])
         torch.set_rng_state(state["torch_rng"])
@@ -425,12 +474,33 @@ class Engine:
         }
         if self.xhat is not None:
             record["hidden_state_error"] = float(torch.linalg.vector_norm(self.x - self.xhat))
+        if self.s.trace_timing and self.s.num_clients:
+            record["online_fraction"] = self.c.online / self.s.num_clients
         loss = metrics.get("loss")
         if loss is not None and loss != loss and self.status == "running":  # NaN loss
             self._diverge()
         self.history.append(record)
         if self.on_eval is not None:
             self.on_eval(record)
+
+    def _trace_summary(self) -> dict[str, Any]:
+        """TRACE_SUMMARY_KEYS: time per arrived job by phase, client downloads, lost work, availability."""
+        c, n = self.c, self.c.uploads
+        if not self.s.trace_timing:
+            return dict.fromkeys(TRACE_SUMMARY_KEYS)
+        comm = c.download_time + c.upload_time
+        return {
+            "download_time_total": c.download_time, "compute_time_total": c.compute_time,
+            "upload_time_total": c.upload_time, "communication_time_total": comm,
+            "download_time_mean": c.download_time / n if n else None,
+            "compute_time_mean": c.compute_time / n if n else None,
+            "upload_time_mean": c.upload_time / n if n else None,
+            "communication_time_mean": comm / n if n else None,
+            "bytes_down_clients": c.bytes_down_clients,
+            "offline_lost_time_total": c.offline_lost_time,
+            "mean_online_fraction": (c.online_area / self.time / self.s.num_clients
+                                     if self.time > 0 and self.s.num_clients else None),
+        }
 
     @property
     def mean_staleness(self) -> float:
@@ -486,6 +556,7 @@ class Engine:
             "uploads_to_target": hit[0] if hit else None,
             "bytes_up_at_target": hit[1]["bytes_up"] if hit else None,
             "bytes_broadcast_at_target": hit[1]["bytes_broadcast"] if hit else None,
+            "time_to_target": hit[1]["sim_time"] if hit else None,
             "mean_staleness": self.mean_staleness,
             "max_staleness_seen": max(self.c.staleness_hist) if self.c.staleness_hist else 0,
             "staleness_histogram": {str(k): v for k, v in sorted(self.c.staleness_hist.items())},
@@ -493,6 +564,8 @@ class Engine:
             "sim_time": self.time,
             "wall_time_s": time.perf_counter() - self._wall0,
             "diverged_at_step": self.diverged_at,
+            "dropped_by_reason": {r: self.c.dropped_by_reason.get(r, 0) for r in DROP_REASONS},
+            **self._trace_summary(),
         }
         for key in EVAL_SUMMARY_KEYS:
             if key in last:

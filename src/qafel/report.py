@@ -5,8 +5,9 @@ below the given paths (sweep directories), groups the runs into configurations (
 the seed and bookkeeping keys), aggregates seeds and writes ``table.md``, ``table.csv`` and PNG plots.
 
 Uploads to target follow ALGORITHMS.md §7: K × (server steps at the first evaluation whose accuracy ≥ target),
-with the bytes uploaded and broadcast at that evaluation. They are always recomputed from ``metrics.jsonl``;
-the target is ``--target-accuracy`` when given, else each run's own ``target_accuracy``.
+with the bytes uploaded and broadcast and the simulated time (``sim_time``) at that evaluation. They are always
+recomputed from ``metrics.jsonl``; the target is ``--target-accuracy`` when given, else each run's own
+``target_accuracy``.
 
 A run directory that cannot be trusted is left out with a warning naming it and the problem, and the report
 goes on: a damaged ``metrics.jsonl`` line before the last (a torn last line, from a killed run, is skipped), no
@@ -416,12 +417,14 @@ QUANTITIES = {
     "uploads_to_target": "uploads to target",
     "mb_up_at_target": "MB up at target",
     "mb_broadcast_at_target": "MB broadcast at target",
+    "time_to_target": "sim time to target",
     "final_accuracy": "final accuracy",
     "final_loss": "final loss",
     "suboptimality": "f − f*",
     "mb_up": "MB up (run)",
     "mb_broadcast": "MB broadcast (run)",
     "mb_total": "MB total (run)",
+    "wall_time_s": "wall time (s)",
     "server_steps": "server steps",
 }
 
@@ -437,12 +440,14 @@ def run_quantities(run: RunRecord, target: float | None) -> dict[str, float | No
         "uploads_to_target": hit.uploads if hit else None,
         "mb_up_at_target": hit.bytes_up / MB if hit else None,
         "mb_broadcast_at_target": hit.bytes_broadcast / MB if hit else None,
+        "time_to_target": hit.record.get("sim_time") if hit else None,
         "final_accuracy": s.get("final_accuracy", last.get("accuracy")),
         "final_loss": s.get("final_loss", last.get("loss")),
         "suboptimality": s.get("suboptimality", last.get("suboptimality")),
         "mb_up": None if up is None else up / MB,
         "mb_broadcast": down / MB,
         "mb_total": None if up is None else (up + down) / MB,
+        "wall_time_s": s.get("wall_time_s", last.get("wall_time_s")),
         "server_steps": s.get("server_steps", last.get("server_step")),
     }
 
@@ -506,19 +511,24 @@ def fedbuff_reference(group: ConfigGroup, groups: Sequence[ConfigGroup]) -> Conf
     return same_data[0] if len(same_data) == 1 else None
 
 
+#: The ratios to the FedBuff reference, in the order of the table's columns.
+RATIOS = ("uploads_vs_fedbuff", "time_vs_fedbuff", "up_reduction", "broadcast_reduction")
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
 
 def _set_ratios(row: Row, ref: Row) -> None:
-    """Uploads relative to FedBuff, and how many times fewer MB up / broadcast: at the target when both reach
-    the same target, else per server step over the whole run."""
+    """Uploads and simulated time to target relative to FedBuff, and how many times fewer MB up / broadcast: at
+    the target when both reach the same target, else per server step over the whole run."""
     row.reference = ref.group
     s, r = row.stats, ref.stats
     same_target = len(set(row.targets) | set(ref.targets)) == 1 and row.targets[0] is not None
     if same_target and s["uploads_to_target"].mean is not None and r["uploads_to_target"].mean is not None:
         row.ratio_basis = "target"
         row.ratios = {"uploads_vs_fedbuff": _ratio(s["uploads_to_target"].mean, r["uploads_to_target"].mean),
+                      "time_vs_fedbuff": _ratio(s["time_to_target"].mean, r["time_to_target"].mean),
                       "up_reduction": _ratio(r["mb_up_at_target"].mean, s["mb_up_at_target"].mean),
                       "broadcast_reduction": _ratio(r["mb_broadcast_at_target"].mean,
                                                     s["mb_broadcast_at_target"].mean)}
@@ -528,7 +538,7 @@ def _set_ratios(row: Row, ref: Row) -> None:
         return _ratio(stats[q].mean, stats["server_steps"].mean)
 
     row.ratio_basis = "per server step"
-    row.ratios = {"uploads_vs_fedbuff": None,
+    row.ratios = {"uploads_vs_fedbuff": None, "time_vs_fedbuff": None,
                   "up_reduction": _ratio(per_step(r, "mb_up"), per_step(s, "mb_up")),
                   "broadcast_reduction": _ratio(per_step(r, "mb_broadcast"), per_step(s, "mb_broadcast"))}
 
@@ -564,7 +574,7 @@ def _shown_quantities(rows: Sequence[Row]) -> list[str]:
     qs = []
     any_target = any(t is not None for row in rows for t in row.targets)
     for q in QUANTITIES:
-        if q.endswith("at_target") or q == "uploads_to_target":
+        if q.endswith("at_target") or q in ("uploads_to_target", "time_to_target"):
             if any_target:
                 qs.append(q)
         elif q == "final_loss":
@@ -606,7 +616,7 @@ def markdown_table(rows: Sequence[Row], per_seed: bool = True) -> str:
         header.insert(header.index("uploads to target") + 1, "reached")
     has_ref = any(r.reference is not None for r in rows)
     if has_ref:
-        header += ["uploads ÷ FedBuff", "× fewer MB up", "× fewer MB broadcast", "basis"]
+        header += ["uploads ÷ FedBuff", "sim time ÷ FedBuff", "× fewer MB up", "× fewer MB broadcast", "basis"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         g = row.group
@@ -616,8 +626,7 @@ def markdown_table(rows: Sequence[Row], per_seed: bool = True) -> str:
             if q == "uploads_to_target":
                 cells.append(row.reached)
         if has_ref:
-            cells += [_num(row.ratios.get(k), "x") for k in ("uploads_vs_fedbuff", "up_reduction",
-                                                              "broadcast_reduction")]
+            cells += [_num(row.ratios.get(k), "x") for k in RATIOS]
             cells.append(row.ratio_basis or "—")
         lines.append("| " + " | ".join(cells) + " |")
     note = "MB = 10^6 bytes. Broadcast bytes include naive's per-job model downloads."
@@ -630,7 +639,7 @@ def markdown_table(rows: Sequence[Row], per_seed: bool = True) -> str:
         return "\n".join(lines) + "\n"
     lines += ["", "## Per-seed values", ""]
     seed_qs = [q for q in qs if q in ("uploads_to_target", "mb_up_at_target", "mb_broadcast_at_target",
-                                       "final_accuracy", "suboptimality", "final_loss", "mb_total")]
+                                       "time_to_target", "final_accuracy", "suboptimality", "final_loss", "mb_total")]
     lines += ["| configuration | seed | status | " + " | ".join(QUANTITIES[q] for q in seed_qs) + " | run |",
               "|" + "---|" * (len(seed_qs) + 4)]
     for row in rows:
@@ -653,8 +662,7 @@ def csv_table(rows: Sequence[Row]) -> str:
     header = ["configuration", *cols, "seeds", "n_seeds", "status", "target_accuracy", "reached"]
     for q in QUANTITIES:
         header += [f"{q}_mean", f"{q}_sd", f"{q}_values"]
-    header += ["fedbuff_reference", "uploads_vs_fedbuff", "up_reduction", "broadcast_reduction", "ratio_basis",
-               "run_dirs"]
+    header += ["fedbuff_reference", *RATIOS, "ratio_basis", "run_dirs"]
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(header)
     for row in rows:
@@ -666,7 +674,7 @@ def csv_table(rows: Sequence[Row]) -> str:
             st = row.stats[q]
             out += [_csv(st.mean), _csv(st.sd), ";".join(_csv(v) for v in st.values)]
         out += [row.reference.label if row.reference else "",
-                *[_csv(row.ratios.get(k)) for k in ("uploads_vs_fedbuff", "up_reduction", "broadcast_reduction")],
+                *[_csv(row.ratios.get(k)) for k in RATIOS],
                 row.ratio_basis or "", ";".join(str(r.path) for r in g.runs)]
         w.writerow(out)
     return buf.getvalue()

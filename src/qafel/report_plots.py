@@ -16,8 +16,8 @@ from matplotlib.figure import Figure
 
 from qafel.report import MB, Row, down_bytes
 
-PLOT_FILES = ("accuracy_vs_uploads.png", "accuracy_vs_mb.png", "pareto.png", "loss_vs_steps.png",
-              "staleness.png", "hidden_state_error.png")
+PLOT_FILES = ("accuracy_vs_uploads.png", "accuracy_vs_sim_time.png", "accuracy_vs_mb.png", "pareto.png",
+              "loss_vs_steps.png", "staleness.png", "hidden_state_error.png")
 
 _STYLE = {"fedbuff": "--", "naive": ":", "qafel": "-"}
 
@@ -112,6 +112,20 @@ def plot_accuracy_vs_uploads(rows: Sequence[Row], path: Path) -> Path:
     ax.set_xlabel("client uploads")
     ax.set_ylabel("test accuracy")
     ax.set_title("Accuracy vs uploads")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_accuracy_vs_sim_time(rows: Sequence[Row], path: Path) -> Path:
+    """Test accuracy against simulated time (seconds under timing=trace; the timing's units otherwise)."""
+    fig = Figure(figsize=(_wide(len(rows)), 4.2))
+    ax = fig.add_subplot()
+    if _curves(ax, rows, lambda r: r.get("sim_time"), _acc):
+        _target_line(ax, rows)
+        _legend(ax, len(rows))
+    ax.set_xlabel("simulated time")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("Accuracy vs simulated time")
     ax.grid(alpha=0.3)
     return _save(fig, path)
 
@@ -255,6 +269,6 @@ def plot_all(rows: Sequence[Row], out_dir: str | Path) -> list[Path]:
     """Every plot of the report, as PNG files in ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    fns = (plot_accuracy_vs_uploads, plot_accuracy_vs_mb, plot_pareto, plot_loss_vs_steps, plot_staleness,
-           plot_hidden_state_error)
+    fns = (plot_accuracy_vs_uploads, plot_accuracy_vs_sim_time, plot_accuracy_vs_mb, plot_pareto, plot_loss_vs_steps,
+           plot_staleness, plot_hidden_state_error)
     return [fn(rows, out / name) for fn, name in zip(fns, PLOT_FILES, strict=True)]

@@ -1,10 +1,12 @@
 """The asynchronous system's event schedule (ALGORITHMS.md section 6).
 
-Timing is exogenous: who trains when never depends on model values, so the schedule is generated from its
-own seeded generator and is identical for every algorithm given the same seed (QAFeL and FedBuff see the
-same jobs, job for job). A :class:`Schedule` is an infinite, lazily generated, time-ordered stream of
-:class:`Event` s: a ``"start"`` when a client begins a job and an ``"arrival"`` when the job's update reaches
-the server. Order: by time; at equal times arrivals before starts; then by job id.
+Timing is exogenous: who trains when never depends on model values, so the schedule is generated from its own
+seeded generator and is identical for every algorithm given the same seed (QAFeL and FedBuff see the same jobs,
+job for job; under ``timing=trace`` durations depend on each algorithm's payload sizes, so the algorithms share
+the devices, availability and random streams, not the jobs). A :class:`Schedule` is an infinite, lazily
+generated, time-ordered stream of :class:`Event` s: a ``"start"`` when a client begins a job and an
+``"arrival"`` when the job's update reaches the server. Order: by time; at equal times arrivals before starts;
+then by job id.
 
 Config (``timing`` node, plain dict or OmegaConf DictConfig; missing optional keys take the defaults shown)::
 
@@ -31,6 +33,17 @@ Config (``timing`` node, plain dict or OmegaConf DictConfig; missing optional ke
                               # the i-th start at an arrival's time is the restart of the i-th arrival at that time
     duration: {...same node...}
 
+    # timing=trace (docs/traces.md): durations from device traces and the bytes each job moves
+    name: trace
+    loop: closed_loop         # closed_loop (concurrency, restart) | open_loop (arrival, rate, sample_busy_clients,
+                              # offline_start); the other loop's keys must be null
+    offline_start: redraw     # open loop: a start whose client is offline picks uniformly among online clients
+                              # (redraw, counted in redrawn_starts) or is skipped (skip, offline_skipped_starts)
+    finish_offline: false     # false: a job whose client goes offline before it ends is dropped at that moment
+    trace: synthetic          # synthetic (the `synthetic` node: qafel.traces.SYNTHETIC_DEFAULTS) | file
+    trace_file: null          # trace=file: a .json or .csv trace (qafel.traces.load_trace); client i uses row
+                              # i mod rows
+
 Duration node (``distribution`` and the keys it uses; the other keys are ignored):
 
 - ``halfnormal``: min + |N(0, sigma^2)|, sigma > 0 (the paper: sigma = 1, min = 0).
@@ -42,6 +55,14 @@ Duration node (``distribution`` and the keys it uses; the other keys are ignored
 - ``min`` >= 0 (default 0); ``max`` is used by ``uniform`` only and must be null otherwise.
 - ``client_speed_sigma`` >= 0 (default 0): a persistent per-client slowness factor exp(N(0, s^2)), drawn once
   per client at construction, multiplies the part above ``min`` for every job of that client.
+
+Trace timing (``name: trace``): closed-loop restarts start from the model current at their start
+(``restart_model`` is not a trace key); ``same`` waits until its client is online again, ``random_idle`` picks
+among idle online clients (or waits for one). The ``duration`` node must keep its defaults: durations come from
+the trace. A trace schedule needs ``workload`` (qafel.trace_timing.Workload: payload sizes and local work); it
+also yields ``"drop"`` events (a job lost when its client went offline, at that moment) and ``"online"`` /
+``"offline"`` events (``Event.client``; the clients online at 0 first). Order at equal times: arrivals,
+availability changes, drops, starts.
 
 Random numbers: four independent streams (start gaps, client choices, durations, client speeds) spawned from
 ``numpy.random.SeedSequence([seed, _TIMING_TAG])`` and drawn in fixed-size blocks, so the k-th job's duration
@@ -57,15 +78,20 @@ import numbers
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from qafel.errors import ConfigError
 
+if TYPE_CHECKING:
+    from qafel.trace_timing import Workload
+    from qafel.traces import Device
+
 __all__ = [
     "ARRIVALS",
     "DISTRIBUTIONS",
+    "LOOPS",
     "NAMES",
     "RESTARTS",
     "Event",
@@ -74,7 +100,10 @@ __all__ = [
     "little_law_concurrency",
 ]
 
-NAMES = ("open_loop", "closed_loop")
+NAMES = ("open_loop", "closed_loop", "trace")
+LOOPS = ("closed_loop", "open_loop")
+OFFLINE_STARTS = ("redraw", "skip")
+TRACE_SOURCES = ("synthetic", "file")
 ARRIVALS = ("constant", "poisson")
 RESTARTS = ("same", "random_idle")
 RESTART_MODELS = ("before_step", "after_step")
@@ -82,6 +111,10 @@ DISTRIBUTIONS = ("halfnormal", "exponential", "uniform", "lognormal", "per_examp
 
 _OPEN_KEYS = ("name", "arrival", "rate", "sample_busy_clients", "duration")
 _CLOSED_KEYS = ("name", "concurrency", "restart", "restart_model", "duration")
+_TRACE_OPEN = ("arrival", "rate", "sample_busy_clients", "offline_start")
+_TRACE_CLOSED = ("concurrency", "restart")
+_TRACE_KEYS = ("name", "loop", *_TRACE_OPEN, *_TRACE_CLOSED, "finish_offline", "trace", "trace_file", "synthetic",
+               "duration")
 _DURATION_KEYS = ("distribution", "sigma", "min", "mean", "max", "client_speed_sigma")
 _DURATION_DEFAULTS: dict[str, Any] = {
     "distribution": "halfnormal",
@@ -97,21 +130,32 @@ _TIMING_TAG = 0x71_A7E1  # mixed into the seed so the schedule's streams differ 
 
 @dataclass(frozen=True, slots=True)
 class Job:
-    """One client job: started by ``client`` at ``start``; its update reaches the server at ``end``."""
+    """One client job: started by ``client`` at ``start``; its update reaches the server at ``end``.
+
+    Trace timing only: the planned seconds spent downloading, computing and uploading (end = start + their sum),
+    the bytes the client received to start, and whether the job is lost (then ``end`` is when its client went
+    offline)."""
 
     job_id: int  # 0, 1, 2, ... in start order
     client: int  # 0..num_clients-1
     start: float
     end: float  # arrival time at the server = start + duration
+    download: float = 0.0
+    compute: float = 0.0
+    upload: float = 0.0
+    bytes_down: int = 0
+    dropped: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """A job's ``"start"`` (at ``job.start``) or ``"arrival"`` at the server (at ``job.end``)."""
+    """A job's ``"start"`` (at ``job.start``), ``"arrival"`` at the server or ``"drop"`` (at ``job.end``), or
+    (trace timing) client ``client`` going ``"online"`` or ``"offline"`` (``job`` None)."""
 
     time: float
-    kind: str  # "arrival" or "start"
-    job: Job
+    kind: str  # "arrival", "start", "drop", "online", "offline"
+    job: Job | None
+    client: int = -1
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -137,6 +181,12 @@ class _Timing:
     concurrency: int = 100
     restart: str = "same"
     restart_model: str = "before_step"
+    loop: str = ""                 # trace: closed_loop | open_loop
+    offline_start: str = "redraw"  # trace, open loop
+    finish_offline: bool = False   # trace
+    trace: str = "synthetic"       # trace: synthetic | file
+    trace_file: str | None = None
+    synthetic: dict[str, Any] | None = None
 
 
 def _get(node: Mapping[str, Any], key: str, default: Any) -> Any:
@@ -198,20 +248,30 @@ def _parse_duration(node: Any) -> _Duration:
     return _Duration(dist, sigma, dmin, mean, dmax, speed)
 
 
+def _bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(key, value, "must be true or false")
+    return value
+
+
 def _parse(cfg: Mapping[str, Any], num_clients: int | None) -> _Timing:
     if cfg is None or not hasattr(cfg, "get"):
         raise ConfigError("timing", cfg, "must be a mapping with a name: " + ", ".join(NAMES))
     name = _choice("timing.name", cfg.get("name"), NAMES)
     duration = _parse_duration(cfg.get("duration"))
+    if name == "trace":
+        return _parse_trace(cfg, duration, num_clients)
     if name == "open_loop":
         _check_keys("timing", cfg, _OPEN_KEYS)
         arrival = _choice("timing.arrival", _get(cfg, "arrival", "poisson"), ARRIVALS)
         rate = _real("timing.rate", _get(cfg, "rate", 100.0), gt=0.0)
-        busy = _get(cfg, "sample_busy_clients", True)
-        if not isinstance(busy, bool):
-            raise ConfigError("timing.sample_busy_clients", busy, "must be true or false")
+        busy = _bool("timing.sample_busy_clients", _get(cfg, "sample_busy_clients", True))
         return _Timing(name, duration, arrival=arrival, rate=rate, sample_busy_clients=busy)
     _check_keys("timing", cfg, _CLOSED_KEYS)
+    return _parse_closed(cfg, duration, num_clients, name)
+
+
+def _parse_closed(cfg: Mapping[str, Any], duration: _Duration, num_clients: int | None, name: str) -> _Timing:
     conc = _get(cfg, "concurrency", 100)
     if isinstance(conc, bool) or not isinstance(conc, numbers.Integral):
         raise ConfigError("timing.concurrency", conc, "must be an integer >= 1")
@@ -222,8 +282,51 @@ def _parse(cfg: Mapping[str, Any], num_clients: int | None) -> _Timing:
     elif not 1 <= conc <= num_clients:
         raise ConfigError("timing.concurrency", conc, f"must be between 1 and num_clients={num_clients}")
     restart = _choice("timing.restart", _get(cfg, "restart", "same"), RESTARTS)
+    if name == "trace":
+        return _Timing(name, duration, concurrency=conc, restart=restart)
     restart_model = _choice("timing.restart_model", _get(cfg, "restart_model", "before_step"), RESTART_MODELS)
     return _Timing(name, duration, concurrency=conc, restart=restart, restart_model=restart_model)
+
+
+def _parse_trace(cfg: Mapping[str, Any], duration: _Duration, num_clients: int | None) -> _Timing:
+    from qafel.traces import parse_synthetic
+
+    if cfg.get("restart_model") is not None:
+        raise ConfigError("timing.restart_model", cfg["restart_model"], "not a timing=trace key: a trace restart "
+                          "starts from the model current at its start (it may wait for its client to come online)")
+    _check_keys("timing", cfg, _TRACE_KEYS)
+    for key, value in (cfg.get("duration") or {}).items():
+        if value != _DURATION_DEFAULTS.get(key, value):
+            raise ConfigError(f"timing.duration.{key}", value, "not used by timing=trace: job durations come from "
+                              "the trace (download + compute + upload); leave the duration node at its defaults")
+    loop = _choice("timing.loop", _get(cfg, "loop", "closed_loop"), LOOPS)
+    unused = _TRACE_CLOSED if loop == "open_loop" else _TRACE_OPEN
+    for key in unused:
+        if cfg.get(key) is not None:
+            other = "closed_loop" if loop == "open_loop" else "open_loop"
+            raise ConfigError(f"timing.{key}", cfg[key], f"only timing.loop={other} uses it (timing.loop={loop}): "
+                              "set it to null")
+    source = _choice("timing.trace", _get(cfg, "trace", "synthetic"), TRACE_SOURCES)
+    trace_file = cfg.get("trace_file")
+    if source == "file" and (not isinstance(trace_file, str) or not trace_file):
+        raise ConfigError("timing.trace_file", trace_file, "timing.trace=file needs the path of a .json or .csv "
+                          "trace (docs/traces.md)")
+    if source == "synthetic" and trace_file is not None:
+        raise ConfigError("timing.trace_file", trace_file, "only timing.trace=file reads a trace file (this is "
+                          "timing.trace=synthetic)")
+    synthetic = parse_synthetic(cfg.get("synthetic"))
+    finish = _bool("timing.finish_offline", _get(cfg, "finish_offline", False))
+    common = {"loop": loop, "finish_offline": finish, "trace": source, "trace_file": trace_file,
+              "synthetic": synthetic}
+    if loop == "closed_loop":
+        closed = _parse_closed(cfg, duration, num_clients, "trace")
+        return _Timing("trace", duration, concurrency=closed.concurrency, restart=closed.restart, **common)
+    arrival = _choice("timing.arrival", _get(cfg, "arrival", "poisson"), ARRIVALS)
+    rate = _real("timing.rate", _get(cfg, "rate", 100.0), gt=0.0)
+    busy = _bool("timing.sample_busy_clients", _get(cfg, "sample_busy_clients", True))
+    offline = _choice("timing.offline_start", _get(cfg, "offline_start", "redraw"), OFFLINE_STARTS)
+    return _Timing("trace", duration, arrival=arrival, rate=rate, sample_busy_clients=busy, offline_start=offline,
+                   **common)
 
 
 def _mean_random_part(d: _Duration) -> float | None:
@@ -247,8 +350,10 @@ def little_law_concurrency(cfg: Mapping[str, Any]) -> float | None:
     clients, busy for longer, are picked less often. Closed loop: the concurrency C, exactly.
     """
     t = _parse(cfg, None)
-    if t.name == "closed_loop":
+    if t.name == "closed_loop" or (t.name == "trace" and t.loop == "closed_loop"):
         return float(t.concurrency)
+    if t.name == "trace":
+        return None  # durations come from the trace and the bytes
     part = _mean_random_part(t.duration)
     if part is None:
         return None
@@ -269,7 +374,9 @@ class Schedule:
     Attributes: ``skipped_starts`` (open loop with ``sample_busy_clients: false``: starts dropped because
     every client was busy), ``in_flight`` (jobs started and not yet arrived, as of the last event returned),
     ``num_clients``, ``client_speed`` (each client's persistent speed factor; all 1.0 when
-    ``client_speed_sigma`` is 0).
+    ``client_speed_sigma`` is 0). Trace timing: ``workload`` is required; ``offline_skipped_starts`` and
+    ``redrawn_starts`` (open-loop starts whose client was offline), ``devices`` (the trace's rows). A trace
+    schedule ends (StopIteration) when no client can come online again and no job is in flight.
     """
 
     skipped_starts: int
@@ -281,6 +388,7 @@ class Schedule:
         num_clients: int,
         seed: int,
         client_sizes: Sequence[int] | None = None,
+        workload: Workload | None = None,
     ) -> None:
         if isinstance(num_clients, bool) or not isinstance(num_clients, numbers.Integral) or num_clients < 1:
             raise ConfigError("num_clients", num_clients, "must be an integer >= 1")
@@ -332,8 +440,14 @@ class Schedule:
         self._lognormal_mu = math.log(d.mean) - d.sigma**2 / 2.0 if d.distribution == "lognormal" else 0.0
 
         self.skipped_starts = 0
+        self.offline_skipped_starts = 0
+        self.redrawn_starts = 0
         self.in_flight = 0
-        gen = self._open_loop() if t.name == "open_loop" else self._closed_loop()
+        self.devices: list[Device] | None = None
+        if t.name == "trace":
+            gen = self._trace(workload, int(seed))
+        else:
+            gen = self._open_loop() if t.name == "open_loop" else self._closed_loop()
         self._next = gen.__next__
 
     def __iter__(self) -> Schedule:
@@ -343,6 +457,27 @@ class Schedule:
     def __next__(self) -> Event:
         """The next event in time order."""
         return self._next()
+
+    def _trace(self, workload: Workload | None, seed: int) -> Iterator[Event]:
+        from qafel.trace_timing import trace_events
+        from qafel.traces import load_trace, synthetic_trace
+
+        t = self._cfg
+        if workload is None:
+            raise ConfigError("timing.name", "trace", "a trace schedule needs the run's workload (payload sizes and "
+                              "local work: qafel.api builds it)")
+        workload.check(self.num_clients)
+        if t.trace == "file":
+            assert t.trace_file is not None
+            self.devices = load_trace(t.trace_file)
+        else:
+            self.devices = synthetic_trace(t.synthetic or {}, self.num_clients, seed)
+        return trace_events(self, self.devices, workload)
+
+    @property
+    def is_trace(self) -> bool:
+        """Durations come from device traces (``timing=trace``)."""
+        return self._cfg.name == "trace"
 
     @property
     def restart_before_step(self) -> bool:
