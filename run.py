@@ -17,7 +17,7 @@ Exit codes (each error is one line on stderr, ``error: ...``):
   5  the output directory is not writable or the disk is full (the records written so far are kept)
   130, 143  stopped by SIGINT (Ctrl-C) or SIGTERM: the records so far and the last checkpoint are kept
 A multirun exits 0 when every job completed, else with the failed jobs' exit code (their common one, else 1)
-after one line per failed job (qafel.multirun).
+after one line per failed job (qafel.experiment.multirun).
 """
 
 from __future__ import annotations
@@ -32,14 +32,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from qafel.api import format_summary, run_experiment
-from qafel.checkpoint import extra_resume_overrides, find_resume_dir, load_run_config, resume_is_dir
-from qafel.cluster import register_launchers, resume_requeued
-from qafel.compose import hydra_group_default, settle_spellings
 from qafel.errors import EXIT_DIVERGED, QafelError, RunDirError, Terminated
-from qafel.multirun import JobFailed, in_multirun
+from qafel.experiment.checkpoint import extra_resume_overrides, find_resume_dir, load_run_config, resume_is_dir
+from qafel.experiment.compose import hydra_group_default, settle_spellings
+from qafel.experiment.multirun import JobFailed, in_multirun
+from qafel.experiment.runner import format_summary, run_experiment
+from qafel.experiment.tracking import RunOrigin, multirun_group, sync_hint
 from qafel.signals import stop_on_signals
-from qafel.tracking import RunOrigin, multirun_group, sync_hint
+from qafel.sweep.cluster import register_launchers, resume_requeued
 
 
 def stop(code: int, message: str) -> NoReturn:
@@ -76,7 +76,7 @@ def run(cfg: DictConfig) -> float | None:
         if requeued:  # a cluster job preempted or out of time, started again: continue its own run directory
             resume = str(run_dir)
         if resume not in (None, False):
-            from qafel.config import validate
+            from qafel.experiment.config import validate
 
             if resume_is_dir(resume) and not requeued:
                 extra = extra_resume_overrides(list(hc.overrides.task))

@@ -39,11 +39,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from qafel.api import choose_trainer, make_trainer  # noqa: E402
-from qafel.clients import BatchedTrainer, ClientTrainer, LocalTraining, job_seed  # noqa: E402
 from qafel.data import FederatedData, build_dataset  # noqa: E402
-from qafel.models import FlatModel, build_module  # noqa: E402
-from qafel.system import available_cores, tune_malloc  # noqa: E402
+from qafel.experiment.runner import choose_trainer, make_trainer  # noqa: E402
+from qafel.models.networks import FlatModel, build_module  # noqa: E402
+from qafel.sim.clients import BatchedTrainer, ClientTrainer, LocalTraining, job_seed  # noqa: E402
+from qafel.sim.system import available_cores, tune_malloc  # noqa: E402
 
 DEFAULT_THREADS = torch.get_num_threads()  # torch's default intra-op threads, before main() sets --threads
 
@@ -224,7 +224,7 @@ def float64_agreement(model: FlatModel, data: FederatedData, local: LocalTrainin
 def e2e_paper_logreg() -> dict:
     from conftest import compose_cfg
 
-    from qafel.api import run_experiment
+    from qafel.experiment.runner import run_experiment
 
     cfg = compose_cfg("experiment=paper_logreg", "tracking=none", "run.progress=false",
                       f"paths.data_root={data_root()}")

@@ -1,6 +1,7 @@
 """End-to-end throughput: where a whole run's time goes, against the client trainer alone on the same jobs.
 
-For each workload the script builds the run as ``run.py`` does (``qafel.api.setup_run``), runs a fixed number of
+For each workload the script builds the run as ``run.py`` does (``qafel.experiment.runner.setup_run``), runs a fixed
+number of
 server steps with every part timed in place, then replays the very calls the engine made to the client trainer
 (same start models, clients and seeds, in the same batches) with nothing else around them:
 
@@ -78,7 +79,7 @@ class Timer:
 
 def compose_workload(name: str, steps: int, device: str, extra: Sequence[str]) -> Any:
     """The workload's config, composed as run.py composes it."""
-    from qafel.compose import compose
+    from qafel.experiment.compose import compose
 
     overrides, _ = WORKLOADS[name]
     return compose([*overrides, f"paths.data_root={data_root()}", f"device={device}", f"run.server_steps={steps}",
@@ -87,7 +88,7 @@ def compose_workload(name: str, steps: int, device: str, extra: Sequence[str]) -
 
 def measure(name: str, steps: int, device: str, extra: Sequence[str], replay: bool = True) -> dict[str, Any]:
     """Run the workload once with every part timed; replay its trainer calls alone (``replay``)."""
-    from qafel.api import make_engine, setup_run
+    from qafel.experiment.runner import make_engine, setup_run
 
     cfg = compose_workload(name, steps, device, extra)
     timer = Timer()
@@ -140,7 +141,7 @@ def measure(name: str, steps: int, device: str, extra: Sequence[str], replay: bo
 
 def _concurrent_worker(args: tuple[str, int, str, list[str], int, Any]) -> None:
     name, steps, device, extra, cores, queue = args
-    from qafel.system import set_core_budget
+    from qafel.sim.system import set_core_budget
 
     torch.set_num_threads(1)
     set_core_budget(cores)  # run.job_threads=null then plans for this process's share, as sweep workers do
@@ -151,7 +152,7 @@ def _concurrent_worker(args: tuple[str, int, str, list[str], int, Any]) -> None:
 
 def measure_concurrent(name: str, steps: int, device: str, extra: Sequence[str], n: int) -> dict[str, Any]:
     """N copies of the workload at once in N processes (the machine's cores split between them)."""
-    from qafel.system import available_cores
+    from qafel.sim.system import available_cores
 
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.func import grad, vmap
 
-from qafel.models import FlatModel, PaperCNN, build_module
+from qafel.models.networks import FlatModel, PaperCNN, build_module
 
 
 def models() -> list[tuple[str, FlatModel, tuple[int, ...], int]]:

@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import compose_cfg  # noqa: E402
 
-from qafel.api import run_experiment  # noqa: E402
+from qafel.experiment.runner import run_experiment  # noqa: E402
 
 cfg = compose_cfg("experiment=paper_cifar10_concurrency", "dataset=synthetic_cifar10", "dataset.num_samples=12000",
                   "dataset.test_fraction=0.2", "timing.rate=1253",

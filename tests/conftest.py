@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qafel.compose import compose
+from qafel.experiment.compose import compose
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -34,7 +34,8 @@ def need_data_file(name: str) -> Path:
 
 
 def compose_cfg(*overrides: str):
-    """Compose conf/config.yaml with these overrides as run.py does (qafel.compose: two-spelling settings settled)."""
+    """Compose conf/config.yaml with these overrides as run.py does
+    (qafel.experiment.compose: two-spelling settings settled)."""
     return compose(list(overrides), CONF)
 
 

@@ -24,10 +24,8 @@ import numpy as np
 import pytest
 from conftest import FAST, REPO, compose_cfg
 
-import qafel.checkpoint
-import qafel.tracking
-from qafel.api import run_experiment
-from qafel.checkpoint import load_checkpoint, save_checkpoint
+import qafel.experiment.checkpoint
+import qafel.experiment.tracking
 from qafel.data import load_raw
 from qafel.data.fixtures import (
     write_celeba_leaf,
@@ -39,6 +37,8 @@ from qafel.data.fixtures import (
 )
 from qafel.data.readers import write_cifar10_batch, write_idx, write_leaf_json
 from qafel.errors import EXIT_BAD_INPUT, EXIT_OUTPUT, EXIT_RUN_DIR, OutputError, QafelError
+from qafel.experiment.checkpoint import load_checkpoint, save_checkpoint
+from qafel.experiment.runner import run_experiment
 
 TINY = ("tracking=none", "run.progress=false", "dataset.num_clients=10", "run.server_steps=20")
 
@@ -427,7 +427,7 @@ def _full_after(real_open, path_end: str, good_writes: int):
 
 
 def test_disk_full_while_logging_keeps_the_records_so_far(tmp_path, monkeypatch):
-    monkeypatch.setattr(qafel.tracking, "open", _full_after(open, "metrics.jsonl", 3), raising=False)
+    monkeypatch.setattr(qafel.experiment.tracking, "open", _full_after(open, "metrics.jsonl", 3), raising=False)
     with pytest.raises(OutputError) as info:
         run_experiment(compose_cfg(*FAST, "run.server_steps=60", "run.eval_every=10", "run.checkpoint_every=20"),
                        tmp_path)
@@ -445,7 +445,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, m
     path = tmp_path / "checkpoint.pt"
     save_checkpoint(path, {"server_step": 1, "x": np.arange(3).tolist()}, cfg)
     before = path.read_bytes()
-    monkeypatch.setattr(qafel.checkpoint, "open", _full_after(open, "checkpoint.pt.tmp", 2), raising=False)
+    monkeypatch.setattr(qafel.experiment.checkpoint, "open", _full_after(open, "checkpoint.pt.tmp", 2), raising=False)
     with pytest.raises(OutputError) as info:
         save_checkpoint(path, {"server_step": 2, "x": list(range(100_000))}, cfg)
     assert str(info.value).startswith(f"{path}: cannot write the checkpoint ([Errno 28] No space left on device")

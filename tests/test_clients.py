@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from conftest import FAST, compose_cfg
 
-from qafel import system
-from qafel.api import Evaluator, local_training, make_engine, make_trainer, setup_run
-from qafel.clients import BatchedTrainer, ClientTrainer, LocalTraining
 from qafel.data import FederatedData
 from qafel.errors import ConfigError
-from qafel.models import FlatModel, PaperCNN
+from qafel.experiment.runner import Evaluator, local_training, make_engine, make_trainer, setup_run
+from qafel.models.networks import FlatModel, PaperCNN
+from qafel.sim import system
+from qafel.sim.clients import BatchedTrainer, ClientTrainer, LocalTraining
 
 # Float32 tolerance: the batched path sums a padded, masked loss, the loop an unpadded mean; only summation
 # order differs, so the deltas agree to a few ulps of their scale.

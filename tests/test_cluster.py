@@ -27,12 +27,12 @@ from test_sweep import REPO, SWEEPS, TINY, postgres_url, read_csv, write_sweep  
 from test_sweep_reliability import _children, env, sweep_cmd
 
 import qafel.signals
-from qafel.api import run_experiment
-from qafel.checkpoint import load_checkpoint
-from qafel.cluster import register_launchers, resume_requeued, run_as_job
-from qafel.compose import compose
 from qafel.errors import Preempted
+from qafel.experiment.checkpoint import load_checkpoint
+from qafel.experiment.compose import compose
+from qafel.experiment.runner import run_experiment
 from qafel.sweep import OWNER_FILE, main, open_storage
+from qafel.sweep.cluster import register_launchers, resume_requeued, run_as_job
 
 S = optuna.trial.TrialState
 LONG = ["dataset.num_clients=20", "run.server_steps=400", "run.eval_every=20", "run.checkpoint_every=20",

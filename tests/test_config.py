@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import CONF, FAST, compose_cfg
 
-from qafel.api import make_engine, setup_run
-from qafel.config import validate
 from qafel.errors import ConfigError, DataFileError
+from qafel.experiment.config import validate
+from qafel.experiment.runner import make_engine, setup_run
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 

@@ -9,8 +9,8 @@ import torch
 from conftest import FAST, compose_cfg
 from test_clients import CASES
 
-from qafel.api import local_training, make_engine, setup_run
-from qafel.clients import BatchedTrainer, ClientTrainer
+from qafel.experiment.runner import local_training, make_engine, setup_run
+from qafel.sim.clients import BatchedTrainer, ClientTrainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -87,7 +87,7 @@ def test_batched_cnn_on_cuda_is_independent_of_the_batch_layout():
 
 def test_a_cuda_run_resumed_from_its_checkpoint_equals_an_uninterrupted_one(tmp_path):
     """Checkpoints are read onto the CPU; the resumed engine moves its state back to the GPU."""
-    from qafel.api import run_experiment
+    from qafel.experiment.runner import run_experiment
 
     cfg = (*FAST, "device=cuda", "dataset.num_clients=20", "run.server_steps=40", "run.eval_every=10",
            "run.checkpoint_every=20", "server.optimizer=adam", "server.lr=0.01")

@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import FAST, compose_cfg
 
-from qafel.algorithms import ServerOptimizer, StalenessWeight
-from qafel.api import make_engine, run_experiment, setup_run, timing_options
-from qafel.timing import Schedule
+from qafel.experiment.runner import make_engine, run_experiment, setup_run, timing_options
+from qafel.sim.algorithms import ServerOptimizer, StalenessWeight
+from qafel.sim.timing import Schedule
 
 SMALL = ("dataset.num_clients=20", "run.server_steps=30", "run.eval_every=10", "timing.rate=10",
          "client.local_steps=2")
@@ -213,7 +213,7 @@ def test_with_max_staleness_uploads_and_bytes_at_target_count_the_same_uploads(t
 
 
 def test_the_record_keys_list_every_key_an_evaluation_writes(tmp_path):
-    from qafel.engine import RECORD_KEYS
+    from qafel.sim.engine import RECORD_KEYS
 
     run_experiment(compose_cfg(*FAST, "model=logreg", "run.server_steps=10", "run.eval_every=5",
                                "run.compute_optimum=true"), tmp_path)

@@ -8,8 +8,6 @@ import json
 import pytest
 from conftest import CONF, FAST, compose_cfg, need_data_file
 
-from qafel.api import run_experiment
-from qafel.config import validate
 from qafel.data.fixtures import (
     write_celeba_leaf,
     write_cifar10,
@@ -17,6 +15,8 @@ from qafel.data.fixtures import (
     write_plays,
     write_shakespeare_leaf,
 )
+from qafel.experiment.config import validate
+from qafel.experiment.runner import run_experiment
 
 EXPERIMENTS = ("paper_logreg", "paper_celeba", "paper_cifar10", "paper_cifar10_concurrency", "paper_shakespeare",
                "fmnist_bitgrid", "shakespeare_roles", "bandwidth_limited")

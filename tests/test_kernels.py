@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qafel.kernels import FAST_MIN_ELEMENTS, conv2d_constant_input, group_norm_relu_maxpool
-from qafel.models import FlatModel, build_module
+from qafel.models.kernels import FAST_MIN_ELEMENTS, conv2d_constant_input, group_norm_relu_maxpool
+from qafel.models.networks import FlatModel, build_module
 
 
 def relative(a, b):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.func import grad, vmap
 
-from qafel.models import CharLSTM, FlatModel, build_module, lstm_unrolled
+from qafel.models.networks import CharLSTM, FlatModel, build_module, lstm_unrolled
 from qafel.quantizers import build_quantizer
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, need_data_file
 
-from qafel.report_plots import PLOT_FILES
+from qafel.report.plots import PLOT_FILES
 
 nbformat = pytest.importorskip("nbformat", reason="needs the dev extra: pip install -e '.[dev]'")
 nbclient = pytest.importorskip("nbclient", reason="needs the dev extra: pip install -e '.[dev]'")

@@ -17,9 +17,6 @@ import pytest
 from conftest import CONF, FAST, REPO, compose_cfg, need_data_file
 from omegaconf import OmegaConf
 
-from qafel.api import make_engine, setup_run
-from qafel.compose import compose
-from qafel.config import validate
 from qafel.data.fixtures import (
     write_celeba_leaf,
     write_cifar10,
@@ -28,6 +25,9 @@ from qafel.data.fixtures import (
     write_shakespeare_leaf,
 )
 from qafel.errors import ConfigError
+from qafel.experiment.compose import compose
+from qafel.experiment.config import validate
+from qafel.experiment.runner import make_engine, setup_run
 from qafel.quantizers import build_quantizer
 
 EXPERIMENTS = ("paper_logreg", "paper_celeba", "paper_cifar10", "paper_cifar10_concurrency", "paper_shakespeare",

@@ -17,11 +17,11 @@ import torch
 import yaml
 from conftest import FAST, REPO, compose_cfg
 
-import qafel.checkpoint
-from qafel.api import make_engine, refuse_existing_run_dir, run_experiment, setup_run
-from qafel.checkpoint import find_resume_dir, load_checkpoint, save_checkpoint
-from qafel.config import validate
+import qafel.experiment.checkpoint
 from qafel.errors import CheckpointError, RunDirExistsError, Terminated
+from qafel.experiment.checkpoint import find_resume_dir, load_checkpoint, save_checkpoint
+from qafel.experiment.config import validate
+from qafel.experiment.runner import make_engine, refuse_existing_run_dir, run_experiment, setup_run
 from qafel.signals import stop_on_signals
 
 SETTING = ("dataset.num_clients=20", "run.server_steps=60", "run.eval_every=10", "run.checkpoint_every=20",
@@ -186,7 +186,7 @@ def test_a_signal_during_a_checkpoint_write_waits_for_it(tmp_path, monkeypatch):
         os.kill(os.getpid(), signal.SIGTERM)  # arrives while torch writes
         real_save(obj, f)
 
-    monkeypatch.setattr(qafel.checkpoint.torch, "save", save_then_signal)
+    monkeypatch.setattr(qafel.experiment.checkpoint.torch, "save", save_then_signal)
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     stop_on_signals()
     try:
@@ -208,7 +208,7 @@ def test_an_exception_while_saving_removes_the_temporary_file(tmp_path, monkeypa
         f.write(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(qafel.checkpoint.torch, "save", broken_save)
+    monkeypatch.setattr(qafel.experiment.checkpoint.torch, "save", broken_save)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(path, {"server_step": 2}, compose_cfg(*FAST))
     assert path.read_bytes() == before and not (tmp_path / "checkpoint.pt.tmp").exists()

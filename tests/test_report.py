@@ -22,8 +22,8 @@ from qafel.report import (
     uploads_to_target,
     write_report,
 )
-from qafel.report_paper import PAPER_CELEBA, bit_grid, celeba_comparison
-from qafel.report_plots import PLOT_FILES, pareto_front
+from qafel.report.paper import PAPER_CELEBA, bit_grid, celeba_comparison
+from qafel.report.plots import PLOT_FILES, pareto_front
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -254,7 +254,7 @@ def one_thread():
 
 
 def test_report_on_real_runs_in_a_sweep_directory(tmp_path, capsys, one_thread):
-    from qafel.api import run_experiment
+    from qafel.experiment.runner import run_experiment
 
     tiny = (*FAST, "run.server_steps=10", "run.eval_every=5", "run.target_accuracy=0.2")
     summaries = {}
@@ -342,7 +342,7 @@ def test_a_summary_and_a_config_from_different_runs_are_not_mixed(tmp_path):
 
 
 def test_a_real_run_records_one_run_id_and_reports(tmp_path):
-    from qafel.api import run_experiment
+    from qafel.experiment.runner import run_experiment
 
     summary = run_experiment(compose_cfg(*FAST, "run.server_steps=10", "run.eval_every=5"), tmp_path / "r")
     assert yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["run_id"] == summary["run_id"]

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import FAST, REPO, compose_cfg
 
-from qafel.api import run_experiment
+from qafel.experiment.runner import run_experiment
 
 SUMMARY_KEYS = {"status", "final_accuracy", "final_loss", "server_steps", "uploads", "bytes_up", "bytes_broadcast",
                 "bytes_up_fp32_equivalent", "bytes_broadcast_fp32_equivalent", "message_bytes_up",
@@ -74,10 +74,10 @@ def test_paper_logreg_reports_suboptimality(tmp_path, mushrooms_root):
 
 
 def test_f_star_is_the_optimum_of_the_regularised_loss(mushrooms_root):
-    from qafel.api import setup_run
+    from qafel.experiment.runner import setup_run
 
     s = setup_run(compose_cfg(*FAST, "experiment=paper_logreg", f"paths.data_root={mushrooms_root}"))
-    from qafel.optimum import solve_optimum
+    from qafel.models.optimum import solve_optimum
 
     f_star, w_star = solve_optimum(s.model, s.data.X, s.data.y)
     w = torch.tensor(w_star, dtype=torch.float64, requires_grad=True)

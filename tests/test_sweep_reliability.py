@@ -24,11 +24,11 @@ import pytest
 import yaml
 from test_sweep import REPO, SWEEPS, TINY, postgres_url, read_csv, write_sweep  # noqa: F401 - fixture
 
-from qafel.api import NUMERIC_SUMMARY_KEYS, SUMMARY_KEYS, TEXT_SUMMARY_KEYS, run_experiment
-from qafel.engine import EVAL_SUMMARY_KEYS
+from qafel.experiment.runner import NUMERIC_SUMMARY_KEYS, SUMMARY_KEYS, TEXT_SUMMARY_KEYS, run_experiment
+from qafel.experiment.wandb_runs import read_wandb_log
+from qafel.sim.engine import EVAL_SUMMARY_KEYS
 from qafel.sweep import OWNER_FILE, main, open_storage
-from qafel.sweep_runtime import _boot_id, die_with_parent, journal_heartbeat
-from qafel.wandb_runs import read_wandb_log
+from qafel.sweep.runtime import _boot_id, die_with_parent, journal_heartbeat
 
 S = optuna.trial.TrialState
 DONE = (S.COMPLETE, S.PRUNED)

@@ -1,4 +1,4 @@
-"""qafel.system: glibc keeps freed activation buffers for reuse (run.tune_malloc); the job thread pool."""
+"""qafel.sim.system: glibc keeps freed activation buffers for reuse (run.tune_malloc); the job thread pool."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ SCRIPT = """
 import resource, sys, torch
 torch.set_num_threads(1)  # other threads allocate from their own arenas
 if sys.argv[1] == "tuned":
-    from qafel.system import tune_malloc
+    from qafel.sim.system import tune_malloc
     assert tune_malloc() and tune_malloc()  # applied, and idempotent
 def step():
     buffers = [torch.empty(5 * 2**18).fill_(1.0) for _ in range(6)]  # six 5 MiB buffers, like activations
@@ -42,7 +42,7 @@ def test_map_in_threads_keeps_order_and_cancels_the_rest_on_error():
     import threading
     import time
 
-    from qafel.system import job_pool, map_in_threads
+    from qafel.sim.system import job_pool, map_in_threads
 
     assert map_in_threads(3, lambda a, b: a * b, range(10), range(10)) == [i * i for i in range(10)]
     assert job_pool(3, torch.get_num_threads()) is job_pool(3, torch.get_num_threads())  # kept for the process

@@ -1,4 +1,4 @@
-"""Tests for qafel.timing: event order, Little's law, closed loop, staleness, determinism, distributions."""
+"""Tests for qafel.sim.timing: event order, Little's law, closed loop, staleness, determinism, distributions."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from qafel.errors import ConfigError
-from qafel.timing import Event, Job, Schedule, little_law_concurrency
+from qafel.sim.timing import Event, Job, Schedule, little_law_concurrency
 
 SQRT_2_PI = math.sqrt(2.0 / math.pi)
 

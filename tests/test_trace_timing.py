@@ -18,14 +18,14 @@ import pytest
 import torch
 from conftest import FAST, REPO, compose_cfg
 
-from qafel.api import make_engine, run_experiment, setup_run, trace_workload
-from qafel.clients import job_seed
-from qafel.config import validate
-from qafel.engine import STREAM_CLIENT_TRAIN, TRACE_SUMMARY_KEYS
 from qafel.errors import ConfigError
-from qafel.timing import Schedule, little_law_concurrency
-from qafel.trace_timing import Workload
-from qafel.traces import Device, save_trace
+from qafel.experiment.config import validate
+from qafel.experiment.runner import make_engine, run_experiment, setup_run, trace_workload
+from qafel.sim.clients import job_seed
+from qafel.sim.engine import STREAM_CLIENT_TRAIN, TRACE_SUMMARY_KEYS
+from qafel.sim.timing import Schedule, little_law_concurrency
+from qafel.sim.trace_timing import Workload
+from qafel.sim.traces import Device, save_trace
 
 
 def workload(n: int, *, up: int = 5000, server: int = 1000, model: int = 8000, download: str = "catch_up", K: int = 2,

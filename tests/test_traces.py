@@ -1,4 +1,4 @@
-"""qafel.traces: the trace file formats, the synthetic population, FedScale's pickles (converted both ways, read
+"""qafel.sim.traces: the trace file formats, the synthetic population, FedScale's pickles (converted both ways, read
 with a restricted unpickler) and the qafel-traces command."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import yaml
 from conftest import CONF, REPO
 
 from qafel.errors import ConfigError, DataFileError, DataFormatError
-from qafel.traces import (
+from qafel.sim.traces import (
     SYNTHETIC_DEFAULTS,
     Device,
     availability_changes,
@@ -36,7 +36,7 @@ SRC = str(REPO / "src")
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """``qafel-traces`` as a user runs it (``python -m``: the console script of this checkout)."""
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, "-m", "qafel.traces", *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "qafel.sim.traces", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=120, env=env)
 
 
@@ -274,4 +274,4 @@ def test_qafel_traces_synthetic_and_show(tmp_path, capsys):
 
 def test_qafel_traces_is_a_console_script():
     text = (REPO / "pyproject.toml").read_text()
-    assert 'qafel-traces = "qafel.traces:main"' in text
+    assert 'qafel-traces = "qafel.sim.traces:main"' in text

@@ -20,8 +20,8 @@ import yaml
 from conftest import FAST, REPO, compose_cfg
 from wandb_log import OWN_KEYS, WandbLog, live_logs, superseded
 
-from qafel.api import run_experiment
-from qafel.tracking import (
+from qafel.experiment.runner import run_experiment
+from qafel.experiment.tracking import (
     RunOrigin,
     default_run_name,
     multirun_group,
@@ -30,7 +30,7 @@ from qafel.tracking import (
     run_tags,
     wandb_run_id,
 )
-from qafel.wandb_runs import main as qafel_wandb
+from qafel.experiment.wandb_runs import main as qafel_wandb
 
 TINY = ("run.progress=false", "dataset.num_clients=10", "run.server_steps=20", "run.eval_every=5")
 WANDB = (*TINY, "tracking=wandb")
@@ -110,7 +110,7 @@ def test_names_tags_and_rerun_command_follow_the_choices() -> None:
     assert run_tags(cfg, choices) == ["algorithm:qafel", "client:qsgd4", "server:qsgd8", "experiment:paper_logreg",
                                       "dataset:mushrooms", "model:logreg"]
     cfg, _ = cfg_of("algorithm=fedbuff", "client.local_epochs=2", "seed=3", "algorithm.buffer_size=20")
-    from qafel.config import validate
+    from qafel.experiment.config import validate
 
     assert default_run_name(validate(cfg)) == "fedbuff-fp32-fp32-K20-E2-s3"
     assert quantizer_label({"name": "topk", "fraction": 0.01}) == "topk0.01"
@@ -216,9 +216,9 @@ def metrics_without_torn_line(run_dir: Path) -> list[dict]:
 
 def test_console_script_and_module_entry_point() -> None:
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["qafel-wandb"] == "qafel.wandb_runs:main"
-    proc = subprocess.run([sys.executable, "-m", "qafel.wandb_runs", "--help"], capture_output=True, text=True,
-                          timeout=120, env=env())
+    assert scripts["qafel-wandb"] == "qafel.experiment.wandb_runs:main"
+    proc = subprocess.run([sys.executable, "-m", "qafel.experiment.wandb_runs", "--help"], capture_output=True,
+                          text=True, timeout=120, env=env())
     assert proc.returncode == 0
     for flag in ("--project", "--entity", "--online", "--sync"):
         assert flag in proc.stdout

@@ -1,6 +1,7 @@
 """Offline W&B logs read back, for comparing what W&B would show with a run's local records.
 
-A ``.wandb`` file is read with ``qafel.wandb_runs.read_wandb_log`` (W&B's protobuf Records) and folded the way
+A ``.wandb`` file is read with ``qafel.experiment.wandb_runs.read_wandb_log`` (W&B's protobuf Records) and folded
+the way
 W&B folds them: config and summary updates in order, the run record's last tags, one history row per record.
 """
 
@@ -12,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qafel.tracking import offline_runs
-from qafel.wandb_runs import read_wandb_log
+from qafel.experiment.tracking import offline_runs
+from qafel.experiment.wandb_runs import read_wandb_log
 
 #: History and summary keys W&B adds itself.
 OWN_KEYS = ("_runtime", "_timestamp", "_step", "_wandb")

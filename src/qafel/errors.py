@@ -68,7 +68,7 @@ class Terminated(BaseException):
 
 class Preempted(BaseException):
     """The cluster's preemption or time-limit signal arrived in a submitit job (``qafel.signals.preempt_on``): the
-    run stopped after writing a checkpoint, and its job is requeued to continue from it (``qafel.cluster``)."""
+    run stopped after writing a checkpoint, and its job is requeued to continue from it (``qafel.sweep.cluster``)."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(f"signal {signum}: preempted or out of time")

@@ -4,7 +4,8 @@ torch writes a checkpoint from C++; an exception raised inside it by a signal ha
 unrelated RuntimeError. So while ``deferred_signals()`` is active a signal is only noted, and raised when the
 block ends: the file being written is then whole (or removed), never half-written.
 
-In a submitit job (``qafel.cluster``) the preemption / time-limit signal (SIGUSR2) raises ``Preempted``. While a run
+In a submitit job (``qafel.sweep.cluster``) the preemption / time-limit signal (SIGUSR2) raises ``Preempted``. While a
+run
 is inside ``checkpointing_run()`` it is not raised at once: the engine writes a checkpoint after its current server
 step (``preemption_requested``), and ``stop_if_preempted`` raises it once that checkpoint is on disk, so a requeued
 job loses no finished server step. If no server step ends within ``PREEMPT_GRACE_S`` it is raised anyway (the

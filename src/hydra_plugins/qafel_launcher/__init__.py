@@ -1,6 +1,6 @@
 """qafel's Hydra launchers: ``hydra/launcher=submitit_local | submitit_slurm | submitit_slurm_gpu`` (conf/).
 
-The hydra-submitit-launcher plugin's launchers with qafel's jobs (see ``qafel.cluster``): each job has a run id
+The hydra-submitit-launcher plugin's launchers with qafel's jobs (see ``qafel.sweep.cluster``): each job has a run id
 chosen at submission and continues its own run after a preemption or a time limit; ``dry_run`` prints the sbatch
 script; a job that ends without a result is listed with the multirun's failed jobs. Hydra loads launchers only from
 the ``hydra_plugins`` package, hence this module (light to import: Hydra imports every plugin module at start-up).
@@ -34,7 +34,7 @@ class _QafelLauncher(plugin.BaseSubmititLauncher):
 
     def __call__(self, sweep_overrides: list[str], job_dir_key: str, job_num: int, job_id: str,
                  singleton_state: dict[type, Singleton]) -> JobReturn:
-        from qafel.cluster import quiet_schema_warning, requeue_on_preemption, run_as_job
+        from qafel.sweep.cluster import quiet_schema_warning, requeue_on_preemption, run_as_job
 
         quiet_schema_warning()  # this process composes the job's config again
         with run_as_job(self.run_ids.get(job_num)), requeue_on_preemption():
@@ -47,7 +47,7 @@ class _QafelLauncher(plugin.BaseSubmititLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         """Submit the jobs (in waves of ``array_parallelism`` locally; one array on SLURM) and wait for them;
         ``dry_run`` prints the submission script instead."""
-        from qafel.cluster import make_executor, submission_script
+        from qafel.sweep.cluster import make_executor, submission_script
 
         assert self.config is not None
         params = dict(self.params)
@@ -84,7 +84,7 @@ class _QafelLauncher(plugin.BaseSubmititLauncher):
         try:
             return job.results()[0]
         except Exception as exc:  # noqa: BLE001 - submitit's errors for a job that ended without a result
-            from qafel.multirun import BASIC_SWEEPER, write_status
+            from qafel.experiment.multirun import BASIC_SWEEPER, write_status
 
             overrides, _, idx = args[0], args[1], args[2]
             job_dir = self._job_dir(overrides, idx)

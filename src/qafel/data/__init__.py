@@ -1,4 +1,9 @@
-"""Datasets, readers and partitioners: ``build_dataset(cfg)`` returns a FederatedData."""
+"""Datasets, readers and partitioners: ``build_dataset(cfg)`` returns a FederatedData.
+
+Owns the file readers (``readers``), the image and text datasets (``images``, ``text``), their checks, the
+partitioning into clients (``partition``), the device-resident result (``federated``) and format-identical test
+fixtures (``fixtures``). May import: ``qafel.errors`` only.
+"""
 
 from __future__ import annotations
 

@@ -18,8 +18,8 @@ import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from qafel.compose import override_key
 from qafel.errors import CheckpointError, OutputError
+from qafel.experiment.compose import override_key
 from qafel.signals import deferred_signals
 
 CHECKPOINT_NAME = "checkpoint.pt"

@@ -10,7 +10,7 @@ a client's ``local_steps`` or ``local_epochs``. Exactly one spelling takes effec
 
 The losing spelling is set to null, so ``config.yaml`` records only the effective value. When the rule cannot
 tell (both spellings set at the same level, or a config that did not come through this module), the run stops
-with one line naming both keys (:func:`qafel.config.validate`).
+with one line naming both keys (:func:`qafel.experiment.config.validate`).
 """
 
 from __future__ import annotations
@@ -37,10 +37,8 @@ SPELLINGS: tuple[tuple[str, str, str], ...] = (
 
 def config_dir() -> Path:
     """qafel's Hydra config directory: ``QAFEL_CONFIG_DIR``, else ``conf/`` of the (editable) checkout."""
-    import qafel
-
     env = os.environ.get("QAFEL_CONFIG_DIR")
-    path = Path(env) if env else Path(qafel.__file__).resolve().parents[2] / "conf"
+    path = Path(env) if env else Path(__file__).resolve().parents[3] / "conf"  # src/qafel/experiment/ -> checkout
     if not (path / "config.yaml").is_file():
         raise ConfigError("QAFEL_CONFIG_DIR", str(path), "has no config.yaml: set QAFEL_CONFIG_DIR to the "
                           "repository's conf/ folder (or install qafel editable: pip install -e .)")

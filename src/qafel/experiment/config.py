@@ -15,8 +15,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from qafel.algorithms import ALGORITHMS, OPTIMIZERS, REDUCTIONS
 from qafel.errors import ConfigError
+from qafel.sim.algorithms import ALGORITHMS, OPTIMIZERS, REDUCTIONS
 
 
 @dataclass
@@ -99,7 +99,7 @@ class TimingConfig:
     finish_offline: bool | None = None  # trace: a job whose client goes offline finishes anyway
     trace: str | None = None           # trace: synthetic | file
     trace_file: str | None = None      # trace=file: a .json or .csv trace
-    synthetic: Any = None              # trace=synthetic: the generator's parameters (qafel.traces)
+    synthetic: Any = None              # trace=synthetic: the generator's parameters (qafel.sim.traces)
     duration: DurationConfig = field(default_factory=DurationConfig)
 
 
@@ -146,7 +146,7 @@ class RunConfig:
     trainer: str = "auto"  # auto | batched (torch.func.vmap over jobs) | loop (one job at a time, the reference)
     compute_optimum: bool | None = None  # None: only for convex models (logreg)
     tf32: bool = False  # allow TensorFloat-32 matmuls/convolutions on CUDA (faster, ~1e-3 relative error)
-    tune_malloc: bool = True  # glibc: reuse freed large CPU buffers instead of re-mapping them (qafel.system)
+    tune_malloc: bool = True  # glibc: reuse freed large CPU buffers instead of re-mapping them (qafel.sim.system)
 
 
 @dataclass
@@ -222,9 +222,9 @@ def validate(cfg: DictConfig | dict) -> DictConfig:
 
 
 def _check_spellings(c: DictConfig) -> None:
-    """A setting with two spellings must have one set: qafel.compose settles them; a config built otherwise
+    """A setting with two spellings must have one set: qafel.experiment.compose settles them; a config built otherwise
     (or a file that sets both) stops here naming both keys."""
-    from qafel.compose import SPELLINGS
+    from qafel.experiment.compose import SPELLINGS
 
     for node, a, b in SPELLINGS:
         if c[node].get(a) is not None and c[node].get(b) is not None:

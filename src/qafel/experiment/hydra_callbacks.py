@@ -23,7 +23,7 @@ class RefuseExistingRunDir(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         """Check ``hydra.run.dir`` and ``paths.output_dir`` (if set), unless a resume was asked for; a run
         directory that cannot be created stops the run too (exit 5), before Hydra fails on it."""
-        from qafel.api import refuse_existing_run_dir
+        from qafel.experiment.runner import refuse_existing_run_dir
 
         run_dir = Path(str(config.hydra.run.dir))
         try:

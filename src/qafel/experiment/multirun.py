@@ -100,7 +100,8 @@ class JobStatusCallback(Callback):
 
 
 def write_status(job_dir: Path, status: dict[str, Any]) -> None:
-    """Write a job's ``job_status.json`` atomically (also for a job that ended without a result, qafel.cluster)."""
+    """Write a job's ``job_status.json`` atomically (also for a job that ended without a result,
+    qafel.sweep.cluster)."""
     job_dir.mkdir(parents=True, exist_ok=True)
     tmp = job_dir / f"{STATUS_FILE}.tmp"
     tmp.write_text(json.dumps(status, indent=2) + "\n")

@@ -13,8 +13,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from qafel.algorithms import ServerOptimizer, StalenessWeight
-from qafel.checkpoint import (
+from qafel.data import FederatedData, build_dataset
+from qafel.errors import ConfigError, OutputError, RunDirExistsError
+from qafel.experiment.checkpoint import (
     CHECKPOINT_NAME,
     check_config_matches,
     load_checkpoint,
@@ -22,19 +23,18 @@ from qafel.checkpoint import (
     save_checkpoint,
     tmp_path,
 )
-from qafel.clients import BatchedTrainer, ClientTrainer, LocalTraining
-from qafel.config import quantizer_options, validate
-from qafel.data import FederatedData, build_dataset
-from qafel.engine import ENGINE_SUMMARY_KEYS, EVAL_SUMMARY_KEYS, Engine, EngineSettings
-from qafel.errors import ConfigError, OutputError, RunDirExistsError
-from qafel.models import FlatModel, build_module
-from qafel.optimum import objective, solve_optimum
+from qafel.experiment.config import quantizer_options, validate
+from qafel.experiment.tracking import RunOrigin, RunRecorder, make_tracker, origin_record, read_origin, write_origin
+from qafel.models.networks import FlatModel, build_module
+from qafel.models.optimum import objective, solve_optimum
 from qafel.quantizers import Quantizer, build_quantizer
 from qafel.signals import checkpointing_run, stop_if_preempted
-from qafel.system import map_in_threads, resolve_job_threads, tune_malloc
-from qafel.timing import Schedule
-from qafel.trace_timing import Workload
-from qafel.tracking import RunOrigin, RunRecorder, make_tracker, origin_record, read_origin, write_origin
+from qafel.sim.algorithms import ServerOptimizer, StalenessWeight
+from qafel.sim.clients import BatchedTrainer, ClientTrainer, LocalTraining
+from qafel.sim.engine import ENGINE_SUMMARY_KEYS, EVAL_SUMMARY_KEYS, Engine, EngineSettings
+from qafel.sim.system import map_in_threads, resolve_job_threads, tune_malloc
+from qafel.sim.timing import Schedule
+from qafel.sim.trace_timing import Workload
 
 #: The keys run_experiment adds to the engine's summary.
 RUN_SUMMARY_KEYS = ("skipped_starts", "offline_skipped_starts", "redrawn_starts", "f_star", "partition", "dataset",

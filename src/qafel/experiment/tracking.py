@@ -2,7 +2,8 @@
 
 ``run.json`` (beside ``config.yaml``) records how a run came to be: its W&B id, name, group, tags and job type,
 Hydra's group choices, the overrides and the command that reruns it, and for sweep trials the trial and its
-outcome. W&B runs are built from these records (``qafel.wandb_runs``), live or afterwards with ``qafel-wandb``.
+outcome. W&B runs are built from these records (``qafel.experiment.wandb_runs``), live or afterwards with
+``qafel-wandb``.
 
 Tracking never stops a run: if W&B is missing or fails, we warn and keep the local records.
 """
@@ -22,12 +23,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qafel.checkpoint import remove_quietly
 from qafel.errors import OutputError
+from qafel.experiment.checkpoint import remove_quietly
 from qafel.signals import deferred_signals
 
 if TYPE_CHECKING:
-    from qafel.wandb_runs import WandbTracker
+    from qafel.experiment.wandb_runs import WandbTracker
 
 #: The origin record of a run, beside config.yaml.
 ORIGIN_FILE = "run.json"
@@ -188,7 +189,7 @@ def rerun_command(overrides: Sequence[str] | None) -> str | None:
     """``python run.py OVERRIDES`` (without those naming this run's directory or id); None when unknown."""
     if overrides is None:
         return None
-    from qafel.compose import override_key
+    from qafel.experiment.compose import override_key
 
     kept = [hide_passwords(o) for o in overrides if override_key(o) not in _NOT_RERUN]
     return shlex.join(["python", "run.py", *kept])
@@ -283,6 +284,6 @@ def make_tracker(cfg: Mapping[str, Any], run_dir: Path, origin: Mapping[str, Any
     """The W&B tracker for ``tracking`` node ``cfg`` (None for ``tracking=none`` or mode disabled)."""
     if cfg.get("backend", "none") != "wandb" or cfg.get("mode") == "disabled":
         return None
-    from qafel.wandb_runs import WandbTracker
+    from qafel.experiment.wandb_runs import WandbTracker
 
     return WandbTracker(cfg, run_dir, origin)

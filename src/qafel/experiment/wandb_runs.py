@@ -4,7 +4,7 @@
     qafel-wandb multirun/bits outputs/sweeps/bitgrid    # every run and sweep found below these folders
     qafel-wandb outputs --project qafel-paper --online  # straight to the W&B server
     qafel-wandb --sync outputs/sweeps/bitgrid           # `wandb sync` every offline run found below
-    python -m qafel.wandb_runs ...                      # the same command
+    python -m qafel.experiment.wandb_runs ...                      # the same command
 
 A W&B run mirrors its run directory's records: its config is config.yaml plus run.json's Hydra choices,
 overrides, rerun command (and trial); its history is metrics.jsonl, one row per evaluation at step =
@@ -39,7 +39,7 @@ from typing import Any
 import yaml
 
 from qafel.errors import EXIT_DIVERGED
-from qafel.tracking import (
+from qafel.experiment.tracking import (
     ORIGIN_FILE,
     RunOrigin,
     _jsonable,
@@ -222,7 +222,7 @@ def log_artifacts(run: Any, run_dir: Path, wandb_id: str, log_checkpoints: bool 
     ``checkpoint-<id>`` (type ``checkpoint``) with ``tracking.log_checkpoints=true``."""
     import wandb
 
-    from qafel.checkpoint import CHECKPOINT_NAME
+    from qafel.experiment.checkpoint import CHECKPOINT_NAME
 
     files = [Path(run_dir) / name for name in RECORD_FILES if (Path(run_dir) / name).is_file()]
     if files:

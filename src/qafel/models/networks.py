@@ -15,7 +15,7 @@ from torch import nn
 from torch.func import functional_call
 
 from qafel.errors import ConfigError
-from qafel.kernels import FAST_MIN_ELEMENTS, conv2d_constant_input, group_norm_relu_maxpool
+from qafel.models.kernels import FAST_MIN_ELEMENTS, conv2d_constant_input, group_norm_relu_maxpool
 
 MODEL_NAMES = ("logreg", "mlp", "cnn", "resnet18", "char_lstm")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from qafel.models import FlatModel
+from qafel.models.networks import FlatModel
 
 
 def solve_optimum(model: FlatModel, X: torch.Tensor, y: torch.Tensor) -> tuple[float, np.ndarray]:

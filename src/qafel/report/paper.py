@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from qafel.report import Report, Row, fmt_stat
+from qafel.report.build import Report
+from qafel.report.tables import Row, fmt_stat
 
 # CelebA, 3 seeds each, uploads to 90% test accuracy; min-max ("n-bit QSGD" in the paper) quantization.
 PAPER_CELEBA: dict[str, dict[str, float]] = {

@@ -14,7 +14,7 @@ from typing import Any
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from qafel.report import MB, Row, down_bytes
+from qafel.report.tables import MB, Row, down_bytes
 
 PLOT_FILES = ("accuracy_vs_uploads.png", "accuracy_vs_sim_time.png", "accuracy_vs_mb.png", "pareto.png",
               "loss_vs_steps.png", "staleness.png", "hidden_state_error.png")

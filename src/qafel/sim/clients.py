@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
 from qafel.data.federated import FederatedData
-from qafel.models import FlatModel, dropout_generator
-from qafel.system import map_in_threads
+from qafel.models.networks import FlatModel, dropout_generator
+from qafel.sim.system import map_in_threads
 
 _MASK64 = (1 << 64) - 1
 

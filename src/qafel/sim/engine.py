@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 
-from qafel.algorithms import ServerOptimizer, StalenessWeight, is_finite, reduce_buffer
-from qafel.clients import job_seed
 from qafel.quantizers import Quantizer
 from qafel.signals import preemption_requested
-from qafel.timing import Event, Job
+from qafel.sim.algorithms import ServerOptimizer, StalenessWeight, is_finite, reduce_buffer
+from qafel.sim.clients import job_seed
+from qafel.sim.timing import Event, Job
 
 # Generator streams derived from the run seed (clients.job_seed's ``stream`` argument).
 STREAM_CLIENT_TRAIN = 1

@@ -85,8 +85,8 @@ import numpy as np
 from qafel.errors import ConfigError
 
 if TYPE_CHECKING:
-    from qafel.trace_timing import Workload
-    from qafel.traces import Device
+    from qafel.sim.trace_timing import Workload
+    from qafel.sim.traces import Device
 
 __all__ = [
     "ARRIVALS",
@@ -289,7 +289,7 @@ def _parse_closed(cfg: Mapping[str, Any], duration: _Duration, num_clients: int 
 
 
 def _parse_trace(cfg: Mapping[str, Any], duration: _Duration, num_clients: int | None) -> _Timing:
-    from qafel.traces import parse_synthetic
+    from qafel.sim.traces import parse_synthetic
 
     if cfg.get("restart_model") is not None:
         raise ConfigError("timing.restart_model", cfg["restart_model"], "not a timing=trace key: a trace restart "
@@ -459,8 +459,8 @@ class Schedule:
         return self._next()
 
     def _trace(self, workload: Workload | None, seed: int) -> Iterator[Event]:
-        from qafel.trace_timing import trace_events
-        from qafel.traces import load_trace, synthetic_trace
+        from qafel.sim.trace_timing import trace_events
+        from qafel.sim.traces import load_trace, synthetic_trace
 
         t = self._cfg
         if workload is None:

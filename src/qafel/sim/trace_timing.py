@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from qafel.errors import ConfigError
-from qafel.timing import Event, Job
-from qafel.traces import Device, availability_changes, transfer_seconds
+from qafel.sim.timing import Event, Job
+from qafel.sim.traces import Device, availability_changes, transfer_seconds
 
 if TYPE_CHECKING:
-    from qafel.timing import Schedule
+    from qafel.sim.timing import Schedule
 
 DOWNLOADS = ("catch_up", "fresh")
 # Order of simultaneous events: arrivals, availability changes, drops (caused by a change), starts.
@@ -109,7 +109,7 @@ def job_seconds(device: Device, samples: int, steps: int) -> float:
 
 
 def trace_events(s: Schedule, devices: Sequence[Device], w: Workload) -> Iterator[Event]:
-    """The event stream of a trace schedule (see the module and :class:`qafel.timing.Schedule` docstrings).
+    """The event stream of a trace schedule (see the module and :class:`qafel.sim.timing.Schedule` docstrings).
 
     Client c uses ``devices[c % len(devices)]``. Random draws: the schedule's start-gap stream (open loop) and
     client-choice stream (one number per pick, one more per redraw).

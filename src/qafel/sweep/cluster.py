@@ -10,7 +10,7 @@
   calls the job's ``checkpoint`` method, which resubmits the same job, and requeues it. Every job carries a run id
   chosen at submission: a started job whose run directory holds that id in ``config.yaml`` continues it through
   run.py's ``resume=RUN_DIR`` path (``resume_requeued``), so a job restarted by SLURM itself does too.
-* ``make_executor`` and ``submission_script`` are shared with ``qafel-sweep --launcher`` (``qafel.sweep_jobs``).
+* ``make_executor`` and ``submission_script`` are shared with ``qafel-sweep --launcher`` (``qafel.sweep.jobs``).
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQu
 from omegaconf import DictConfig, open_dict
 from submitit.slurm.slurm import _make_sbatch_string
 
-from qafel.api import RECORD_FILES
-from qafel.checkpoint import CHECKPOINT_NAME, remove_quietly, tmp_path
 from qafel.errors import ConfigError, Preempted
+from qafel.experiment.checkpoint import CHECKPOINT_NAME, remove_quietly, tmp_path
+from qafel.experiment.runner import RECORD_FILES
 from qafel.signals import preempt_off, preempt_on
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ pass on.
 
 A job that is preempted or reaches its time limit (SIGUSR2) fails its running trial, queues that grid point again,
 and is requeued to run the trials it had left; a job killed outright leaves its trial RUNNING until the heartbeat
-check fails it (``sweep_runtime.reclaim_dead_trials``, which every job runs when it starts). The job that ends
+check fails it (``qafel.sweep.runtime.reclaim_dead_trials``, which every job runs when it starts). The job that ends
 with nothing running or queued in the study writes the outputs (as ``--collect`` does).
 """
 
@@ -35,32 +35,18 @@ import optuna
 import submitit
 from omegaconf import OmegaConf
 
-from qafel.cluster import (
+from qafel.errors import ConfigError, Preempted
+from qafel.experiment.compose import compose
+from qafel.sweep.cluster import (
     check_launcher_params,
     make_executor,
     register_launchers,
     requeue_on_preemption,
     submission_script,
 )
-from qafel.compose import compose
-from qafel.errors import ConfigError, Preempted
-from qafel.sweep import (
-    SweepError,
-    SweepPlan,
-    _check_same_sweep,
-    _is_grid,
-    _plan_trials,
-    _worker,
-    create_or_load_study,
-    log_sweep_to_wandb,
-    open_storage,
-    plan_sweep,
-    redact,
-    split_trials,
-    summarize,
-    write_outputs,
-)
-from qafel.sweep_runtime import (
+from qafel.sweep.driver import _plan_trials, plan_sweep
+from qafel.sweep.outputs import log_sweep_to_wandb, summarize, write_outputs
+from qafel.sweep.runtime import (
     TrialState,
     _trial_point,
     grid_points,
@@ -70,6 +56,9 @@ from qafel.sweep_runtime import (
     sigterm_interrupts,
     worker_identity,
 )
+from qafel.sweep.spec import SweepError, SweepPlan
+from qafel.sweep.storage import _check_same_sweep, _is_grid, create_or_load_study, open_storage, redact
+from qafel.sweep.workers import _worker, split_trials
 
 #: ``--launcher`` values and their launcher config files (conf/hydra/launcher/).
 LAUNCHERS = {"slurm": "submitit_slurm", "local": "submitit_local", "slurm_gpu": "submitit_slurm_gpu"}
@@ -147,7 +136,7 @@ def submit(args: argparse.Namespace, plan_args: Mapping[str, Any]) -> int:
 
 def launcher_params(launcher: str, settings: Sequence[str]) -> dict[str, Any]:
     """The job settings: ``conf/hydra/launcher/<LAUNCHERS[launcher]>.yaml`` composed with ``--slurm KEY=VALUE``
-    (Hydra checks keys and types against the launcher's schema, ``qafel.cluster``)."""
+    (Hydra checks keys and types against the launcher's schema, ``qafel.sweep.cluster``)."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
@@ -180,7 +169,7 @@ def launcher_params(launcher: str, settings: Sequence[str]) -> dict[str, Any]:
 
 
 def _launcher_keys(launcher: str) -> list[str]:
-    from qafel.cluster import LocalConf, SlurmConf
+    from qafel.sweep.cluster import LocalConf, SlurmConf
 
     schema = LocalConf if launcher == "local" else SlurmConf
     return [k for k in OmegaConf.structured(schema) if k not in FIXED_KEYS]

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 
 if TYPE_CHECKING:
-    from qafel.sweep import Param
+    from qafel.sweep.spec import Param
 
 TrialState = optuna.trial.TrialState
 HEARTBEAT_S = 60  # the RDB storages' heartbeat_interval, and qafel's journal heartbeat
