@@ -246,7 +246,9 @@ def test_the_issue_example_sends_the_requested_bits_and_records_only_them(tmp_pa
 
 # ------------------------------------------------------------------------------------------------------ sweeps
 def sweep_plan(spec_file: str, *overrides: str):
-    from qafel.sweep import SweepPlan, _base_config, _context, load_spec, merge_overrides, override_key
+    from qafel.experiment.compose import override_key
+    from qafel.sweep import SweepPlan, load_spec, merge_overrides
+    from qafel.sweep.driver import _base_config, _context
 
     spec = load_spec(REPO / "sweeps" / spec_file)
     every = merge_overrides(spec.base, overrides)
@@ -257,7 +259,8 @@ def sweep_plan(spec_file: str, *overrides: str):
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_a_bit_width_sweep_over_any_experiment_has_distinct_points(experiment):
-    from qafel.sweep import check_params_take_effect, format_value
+    from qafel.sweep import format_value
+    from qafel.sweep.driver import check_params_take_effect
 
     plan = sweep_plan("bitgrid.yaml", f"experiment={experiment}")
     check_params_take_effect(plan)  # raises if a parameter composes to one config
@@ -271,7 +274,7 @@ def test_a_bit_width_sweep_over_any_experiment_has_distinct_points(experiment):
     (("server_quantizer=identity",), "params.server_quantizer.bits=2: Could not override"),  # identity: no bits
 ])
 def test_a_sweep_parameter_that_changes_nothing_is_refused_before_any_trial(overrides, key):
-    from qafel.sweep import check_params_take_effect
+    from qafel.sweep.driver import check_params_take_effect
 
     plan = sweep_plan("bitgrid.yaml", *overrides)
     if key is None:
@@ -283,7 +286,7 @@ def test_a_sweep_parameter_that_changes_nothing_is_refused_before_any_trial(over
 
 
 def test_a_sweep_parameter_pinned_to_fedbuffs_identity_quantizers_is_refused():
-    from qafel.sweep import check_params_take_effect
+    from qafel.sweep.driver import check_params_take_effect
 
     plan = sweep_plan("pareto_bytes.yaml", "algorithm=fedbuff")  # bits unconditional: fedbuff replaces them
     with pytest.raises(ConfigError, match=r"^params\.client_quantizer\.bits=\[2, 8\]: every value gives the same"):

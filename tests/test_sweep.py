@@ -25,9 +25,8 @@ import pytest
 import yaml
 
 from qafel.errors import ConfigError
+from qafel.experiment.compose import config_dir
 from qafel.sweep import (
-    _base_config,
-    config_dir,
     load_spec,
     main,
     make_sampler,
@@ -36,6 +35,7 @@ from qafel.sweep import (
     parse_spec,
     sample_params,
 )
+from qafel.sweep.driver import _base_config
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS = REPO / "sweeps"

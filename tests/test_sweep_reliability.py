@@ -452,14 +452,14 @@ def test_bad_sweep_specs_and_invocations(case: str, build, code: int, line: str,
 
 def test_a_trial_never_writes_into_an_existing_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
-    import qafel.sweep
+    import qafel.sweep.storage
 
     sweep = write_sweep(tmp_path, "g", params={"client.lr": [0.1, 0.2]}, sampler="grid")
     out = tmp_path / "out"
     assert main([str(sweep), "--sweep-dir", str(out), "--n-trials", "1"]) == 0
     (out / "trials" / "0001").mkdir()
     (out / "trials" / "0001" / "metrics.jsonl").write_text("another run's records\n")
-    monkeypatch.setattr(qafel.sweep, "check_sweep_dir", lambda *a: None)  # as if it appeared after the check
+    monkeypatch.setattr(qafel.sweep.storage, "check_sweep_dir", lambda *a: None)  # as if it appeared after the check
     capsys.readouterr()
     assert main([str(sweep), "--sweep-dir", str(out)]) == 4
     err = capsys.readouterr().err
