@@ -50,7 +50,7 @@ def stop(code: int, message: str) -> NoReturn:
     sys.exit(code)
 
 
-register_launchers()  # hydra/launcher=submitit_local|submitit_slurm: qafel's launchers (README "On a cluster")
+register_launchers()  # hydra/launcher=submitit_local|submitit_slurm: qafel's launchers (docs/sweeps-and-cluster.md)
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")

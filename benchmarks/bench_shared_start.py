@@ -8,7 +8,7 @@ gradients agree. Usage:
 
     python benchmarks/bench_shared_start.py [--jobs N] [--batch B] [--repeat R] [--json]
 
-Measured on this project's 2-core CPU (README, Performance) it was not cheaper, so the engine does not use it.
+Measured on this project's 2-core CPU (docs/performance.md) it was not cheaper, so the engine does not use it.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""Cluster jobs through submitit (README "On a cluster"): launcher configs, SLURM scripts (dry run, and a submission
-through a stand-in sbatch), real jobs on submitit's local executor (multiruns, sweep workers on a journal file and
-on PostgreSQL), and preemption: a job sent SIGUSR2 (what SLURM sends at a preemption or before the time limit)
-checkpoints, is requeued and ends with the records of an uninterrupted run.
+"""Cluster jobs through submitit (docs/sweeps-and-cluster.md): launcher configs, SLURM scripts (dry run, and a
+submission through a stand-in sbatch), real jobs on submitit's local executor (multiruns, sweep workers on a journal
+file and on PostgreSQL), and preemption: a job sent SIGUSR2 (what SLURM sends at a preemption or before the time
+limit) checkpoints, is requeued and ends with the records of an uninterrupted run.
 
 Tests that start jobs are marked slow: each job is a Python process of its own.
 """

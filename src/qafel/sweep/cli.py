@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="local worker processes on the same storage (default 1)")
     p.add_argument("--size", default=None, help="a size from the sweep file's sizes (e.g. smoke)")
     p.add_argument("--sweep-dir", default=None, help="output directory (default: outputs/sweeps/STUDY)")
-    cluster = p.add_argument_group("on a cluster (README \"On a cluster\"; qafel.sweep.jobs)")
+    cluster = p.add_argument_group("on a cluster (docs/sweeps-and-cluster.md; qafel.sweep.jobs)")
     cluster.add_argument("--launcher", default=None, metavar="slurm|local",
                          help="submit --jobs worker jobs through submitit on the study's storage and return "
                               "(slurm_gpu: one GPU per job)")
@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point ``qafel-sweep``; returns the exit status (README "Sweeps": 0, 2, 4, 130, 143)."""
+    """Console entry point ``qafel-sweep``; returns the exit status (docs/reliability.md: 0, 2, 4, 130, 143)."""
     args = build_parser().parse_intermixed_args(argv)
     try:
         with sigterm_interrupts():

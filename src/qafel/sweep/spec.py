@@ -30,7 +30,7 @@ TRIAL_SUMMARY_KEYS = ("status", "final_accuracy", "final_loss", "bytes_up", "byt
                       "diverged_at_step")
 
 
-#: qafel-sweep's exit codes (README "Sweeps"): bad input, and a refusal to mix two sweeps' records.
+#: qafel-sweep's exit codes (docs/reliability.md): bad input, and a refusal to mix two sweeps' records.
 EXIT_BAD_INPUT = 2
 EXIT_REFUSED = 4
 #: In a sweep directory: which study its records belong to.
