@@ -66,6 +66,24 @@ def _tree_sum(x: torch.Tensor) -> torch.Tensor:
     return x[..., 0]
 
 
+def _tree_sum_numpy(x: np.ndarray) -> np.ndarray:
+    """``_tree_sum`` in NumPy (the same pairwise additions, so the same bits)."""
+    n = x.shape[-1]
+    p = 1 << max(n - 1, 0).bit_length()
+    if p != n:
+        padded = np.zeros((*x.shape[:-1], p), dtype=x.dtype)
+        padded[..., :n] = x
+        x = padded
+    while p > 1:
+        p //= 2
+        x = x[..., :p] + x[..., p:]
+    return x[..., 0]
+
+
+#: Up to this many elements a quantizer's arithmetic on the CPU runs in NumPy (bit-identical; each torch call
+#: costs several microseconds more, which dominates for the paper's 113-parameter logistic regression).
+_NUMPY_MAX_ELEMENTS = 1 << 16
+
 _CONSTS: dict[tuple[float, torch.device], torch.Tensor] = {}
 
 
@@ -237,6 +255,26 @@ class _Buckets:
         b = self.bounds
         return torch.stack([_tree_sum(x[:, b[i]:b[i + 1]]) for i in range(self.n)], dim=1)
 
+    def sums_numpy(self, x: np.ndarray) -> np.ndarray:
+        """``sums`` in NumPy: the same additions in the same order (``_tree_sum_numpy``)."""
+        if self.mode == "vector":
+            return _tree_sum_numpy(x)[:, None]
+        if self.mode == "fixed":
+            pad = self.n * self.size - self.d
+            if pad:
+                padded = np.zeros((x.shape[0], self.d + pad), dtype=x.dtype)
+                padded[:, :self.d] = x
+                x = padded
+            return _tree_sum_numpy(x.reshape(x.shape[0], self.n, self.size))
+        b = self.bounds
+        return np.stack([_tree_sum_numpy(x[:, b[i]:b[i + 1]]) for i in range(self.n)], axis=1)
+
+    def expand_numpy(self, per_bucket: np.ndarray) -> np.ndarray:
+        """``expand`` in NumPy."""
+        if self.mode == "vector":
+            return per_bucket
+        return per_bucket[:, self._index.numpy()]
+
     def counts(self, device: torch.device) -> torch.Tensor:
         """Bucket sizes as a float32 tensor on ``device``."""
         return self._on("counts", device)
@@ -400,6 +438,9 @@ class QSGDQuantizer(Quantizer):
 
     def _levels(self, V: torch.Tensor, U: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(norms (N, nb) with tiny norms set to 0, unsigned levels l + s (N, d) as int64)."""
+        if V.device.type == "cpu" and V.numel() <= _NUMPY_MAX_ELEMENTS:
+            norms_np, u_np = self._levels_numpy(V.numpy(), U.numpy())
+            return torch.from_numpy(norms_np), torch.from_numpy(u_np)
         s = self.s
         norms = self._buckets.sums(V * V).sqrt()
         small = norms < _ZERO_NORM
@@ -411,7 +452,25 @@ class QSGDQuantizer(Quantizer):
         u = torch.where(V < 0, s - lvl, s + lvl).to(torch.int64)
         return norms, u
 
+    def _levels_numpy(self, V: np.ndarray, U: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``_levels`` in NumPy, operation for operation (the same float32 IEEE operations in the same order, so
+        the same bits): for small CPU vectors, where each torch call's overhead is several times numpy's."""
+        s = self.s
+        norms = torch.from_numpy(self._buckets.sums_numpy(V * V)).sqrt().numpy()  # torch's float32 sqrt on the
+        # CPU is not always numpy's (1 ulp apart in about 1 of 3 values seen): take torch's, as the torch path does
+        small = norms < np.float32(_ZERO_NORM)
+        norms[small] = 0
+        safe = np.where(small, np.float32(np.inf), norms)
+        r = (np.abs(V) * np.float32(s)) / self._buckets.expand_numpy(safe)
+        low = np.floor(r)
+        lvl = np.minimum(low + (r - low > U).astype(np.float32), np.float32(s))
+        u = np.where(V < 0, np.float32(s) - lvl, np.float32(s) + lvl).astype(np.int64)
+        return norms, u
+
     def _value(self, norms: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        if u.device.type == "cpu" and u.numel() <= _NUMPY_MAX_ELEMENTS:
+            table = self._table.numpy()
+            return torch.from_numpy(table[u.numpy()] * self._buckets.expand_numpy(norms.numpy()))
         return self._table_on(u.device)[u] * self._buckets.expand(norms)
 
     def _nbytes(self, u: torch.Tensor) -> list[int]:
