@@ -509,3 +509,29 @@ def test_cuda_quantize_matches_cpu_decode(cfg: dict) -> None:
         for i in range(2):
             row, _ = q.quantize(V[i], torch.Generator(device=gdev).manual_seed(i))
             assert same_bits(values[i], row)
+
+
+@pytest.mark.parametrize("bucket, bucket_size", [("vector", None), ("tensor", None), ("fixed", 64), ("fixed", 7)])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_qsgd_numpy_path_for_small_cpu_vectors_is_bit_identical_to_torch(monkeypatch, bucket, bucket_size, rows):
+    import qafel.quantizers.qsgd as quantizers  # where QSGD reads _NUMPY_MAX_ELEMENTS
+
+    layout = [("w", (10, 11)), ("b", (3,)), ("z", (1,))]
+    q = build_quantizer({"name": "qsgd", "levels": 8, "bucket": bucket, "bucket_size": bucket_size}, layout)
+    gen = torch.Generator().manual_seed(7)
+    V = torch.randn(rows, q.d, generator=gen) * torch.tensor([1.0, 1e-14, 3.0, 1e3, 1e-3])[:rows, None]  # tiny norms
+    V[0, :5] = 0.0
+    V[:, -1] = 0.0  # the last tensor all zero: a zero bucket under bucket=tensor
+    V[:, 3] = -V[:, 3].abs()
+
+    def run() -> tuple:
+        single = q.quantize(V[0].clone(), torch.Generator().manual_seed(1))
+        batch = q.quantize_batch(V.clone(), [torch.Generator().manual_seed(10 + i) for i in range(rows)])
+        return single, batch
+
+    (s_np, n_np), (b_np, sizes_np) = run()
+    monkeypatch.setattr(quantizers, "_NUMPY_MAX_ELEMENTS", -1)  # every size through torch
+    (s_t, n_t), (b_t, sizes_t) = run()
+    assert torch.equal(s_np, s_t) and torch.equal(b_np, b_t)
+    assert (n_np, sizes_np) == (n_t, sizes_t)
+    assert s_np.dtype == torch.float32 and torch.count_nonzero(b_np) > 0

