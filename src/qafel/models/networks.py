@@ -54,7 +54,7 @@ class PaperCNN(nn.Module):
     FLSim reuses one GroupNorm module for all four blocks (``shared_norm=True``), which gives exactly
     29,282 parameters for 3x32x32 inputs and 2 classes, and 31,594 for 10 classes. On the CPU (outside vmap)
     each block's GroupNorm -> ReLU -> max-pool runs as one fused function in channels-last layout
-    (``qafel.kernels``; same values to rounding); set ``fused_cpu = False`` for the separate ops.
+    (``qafel.models.kernels``; same values to rounding); set ``fused_cpu = False`` for the separate ops.
     """
 
     def __init__(self, in_channels: int, image_size: int, num_classes: int, channels: int = 32,
@@ -71,7 +71,7 @@ class PaperCNN(nn.Module):
         self.norms = nn.ModuleList(nn.GroupNorm(groups, channels) for _ in range(n_norms))
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(channels * size * size, num_classes)
-        self.fused_cpu = True  # GroupNorm->ReLU->max-pool as one kernel on the CPU (qafel.kernels)
+        self.fused_cpu = True  # GroupNorm->ReLU->max-pool as one kernel on the CPU (qafel.models.kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.functional_forward(dict(self.named_parameters()), x)

@@ -40,8 +40,8 @@ Config (``timing`` node, plain dict or OmegaConf DictConfig; missing optional ke
     offline_start: redraw     # open loop: a start whose client is offline picks uniformly among online clients
                               # (redraw, counted in redrawn_starts) or is skipped (skip, offline_skipped_starts)
     finish_offline: false     # false: a job whose client goes offline before it ends is dropped at that moment
-    trace: synthetic          # synthetic (the `synthetic` node: qafel.traces.SYNTHETIC_DEFAULTS) | file
-    trace_file: null          # trace=file: a .json or .csv trace (qafel.traces.load_trace); client i uses row
+    trace: synthetic          # synthetic (the `synthetic` node: qafel.sim.traces.SYNTHETIC_DEFAULTS) | file
+    trace_file: null          # trace=file: a .json or .csv trace (qafel.sim.traces.load_trace); client i uses row
                               # i mod rows
 
 Duration node (``distribution`` and the keys it uses; the other keys are ignored):
@@ -59,7 +59,7 @@ Duration node (``distribution`` and the keys it uses; the other keys are ignored
 Trace timing (``name: trace``): closed-loop restarts start from the model current at their start
 (``restart_model`` is not a trace key); ``same`` waits until its client is online again, ``random_idle`` picks
 among idle online clients (or waits for one). The ``duration`` node must keep its defaults: durations come from
-the trace. A trace schedule needs ``workload`` (qafel.trace_timing.Workload: payload sizes and local work); it
+the trace. A trace schedule needs ``workload`` (qafel.sim.trace_timing.Workload: payload sizes and local work); it
 also yields ``"drop"`` events (a job lost when its client went offline, at that moment) and ``"online"`` /
 ``"offline"`` events (``Event.client``; the clients online at 0 first). Order at equal times: arrivals,
 availability changes, drops, starts.
@@ -465,7 +465,7 @@ class Schedule:
         t = self._cfg
         if workload is None:
             raise ConfigError("timing.name", "trace", "a trace schedule needs the run's workload (payload sizes and "
-                              "local work: qafel.api builds it)")
+                              "local work: qafel.experiment.runner builds it)")
         workload.check(self.num_clients)
         if t.trace == "file":
             assert t.trace_file is not None
