@@ -90,14 +90,15 @@ def _parse_libsvm_fast(text: str, num_features: int | None) -> tuple[np.ndarray,
     if not labels:
         return None
     flat = " ".join(tokens).replace(":", " ").split()
-    if len(flat) != 2 * len(tokens) or not "".join(flat[0::2] or ["1"]).isdigit():
+    digits = "".join(flat[0::2] or ["1"])
+    if len(flat) != 2 * len(tokens) or not (digits.isascii() and digits.isdigit()):
         return None  # a token that is not exactly index:value with a decimal index
     try:
         y = np.array(labels, dtype=np.float64)
         values = np.array(flat[1::2], dtype=np.float64)
-    except ValueError:
+        index = np.array(flat[0::2], dtype=np.int64)
+    except (ValueError, OverflowError):
         return None
-    index = np.array(flat[0::2], dtype=np.int64)
     if not (np.isfinite(y).all() and np.isfinite(values).all()) or (index < 1).any():
         return None
     width = num_features or int(index.max(initial=0))
@@ -123,7 +124,7 @@ def _libsvm_number(token: str, where: str, what: str) -> float:
 
 def _libsvm_token(token: str, where: str, num_features: int | None) -> tuple[int, float]:
     index, sep, value = token.partition(":")
-    if not sep or not index.isdigit():
+    if not sep or not (index.isascii() and index.isdigit()):
         raise DataFormatError(f"{where}: {token!r} is not index:value (not LIBSVM format)")
     k = int(index)
     if k < 1 or (num_features is not None and k > num_features):
