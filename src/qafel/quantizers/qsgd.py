@@ -68,7 +68,8 @@ class QSGDQuantizer(Quantizer):
     def _levels(self, V: torch.Tensor, U: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(norms (N, nb) with tiny norms set to 0, unsigned levels l + s (N, d) as int64)."""
         if V.device.type == "cpu" and V.numel() <= _NUMPY_MAX_ELEMENTS:
-            norms_np, u_np = self._levels_numpy(V.numpy(), U.numpy())
+            with np.errstate(all="ignore"):  # overflow and NaN propagate silently, as in torch (divergence tests)
+                norms_np, u_np = self._levels_numpy(V.numpy(), U.numpy())
             return torch.from_numpy(norms_np), torch.from_numpy(u_np)
         s = self.s
         norms = self._buckets.sums(V * V).sqrt()
@@ -99,7 +100,8 @@ class QSGDQuantizer(Quantizer):
     def _value(self, norms: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         if u.device.type == "cpu" and u.numel() <= _NUMPY_MAX_ELEMENTS:
             table = self._table.numpy()
-            return torch.from_numpy(table[u.numpy()] * self._buckets.expand_numpy(norms.numpy()))
+            with np.errstate(all="ignore"):
+                return torch.from_numpy(table[u.numpy()] * self._buckets.expand_numpy(norms.numpy()))
         return self._table_on(u.device)[u] * self._buckets.expand(norms)
 
     def _nbytes(self, u: torch.Tensor) -> list[int]:
