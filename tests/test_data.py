@@ -63,6 +63,8 @@ def test_idx_rejects_other_files(tmp_path):
     "1 1:nan\n",
     "1 9:1\n",  # outside num_features
     "1 \u00b2:1\n",  # a Unicode digit is not a decimal index
+    "1 1:2:3 7\n",  # two colons in one token and none in another (the counts would pair up)
+    "1 1:2:3 5:\n",
     "1 99999999999999999999999:1\n",  # an index beyond int64
 ])
 def test_libsvm_fast_parse_equals_the_token_by_token_reader(tmp_path, monkeypatch, body):

@@ -89,6 +89,8 @@ def _parse_libsvm_fast(text: str, num_features: int | None) -> tuple[np.ndarray,
             tokens.extend(parts[1:])
     if not labels:
         return None
+    if not all(t.count(":") == 1 for t in tokens):
+        return None  # "7" or "1:2:3": the reference reader names the token
     flat = " ".join(tokens).replace(":", " ").split()
     digits = "".join(flat[0::2] or ["1"])
     if len(flat) != 2 * len(tokens) or not (digits.isascii() and digits.isdigit()):
