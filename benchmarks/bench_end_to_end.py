@@ -19,6 +19,14 @@ loop) and ``data_setup`` (data, model, quantizers, schedule and f*); ``jobs_per_
 trainer saw. ``--concurrent N`` also runs N copies of the workload in N processes at once, the machine's cores
 split between them as ``qafel-sweep --workers N`` does, and reports ``concurrent_updates_per_s`` (all uploads
 over the wall time from the first start to the last end).
+
+A short benchmark evaluates far more often per upload than the run it stands for (the evaluations at step 0
+and at the last step are a large share of 100 or 200 steps), so each row also carries the measured costs over to
+the experiment's whole run (its own ``run.server_steps`` and ``run.eval_every``): everything but evaluation
+scales with the uploads, evaluation with the number of evaluations. ``evaluations`` (in the benchmark),
+``full_run_server_steps``, ``full_run_evaluations``, ``full_run_uploads``, ``full_run_efficiency`` (the same ratio
+as ``efficiency``, for the whole run) and ``full_run_hours`` (the whole run's wall clock at these rates, data
+set-up included).
 """
 
 from __future__ import annotations
@@ -54,9 +62,11 @@ class Timer:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = dict.fromkeys(PARTS, 0.0)
+        self.calls: dict[str, int] = dict.fromkeys(PARTS, 0)
 
     def wrap(self, part: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:
+            self.calls[part] += 1
             t0 = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
@@ -77,13 +87,32 @@ class Timer:
             yield event
 
 
-def compose_workload(name: str, steps: int, device: str, extra: Sequence[str]) -> Any:
-    """The workload's config, composed as run.py composes it."""
+def compose_workload(name: str, steps: int | None, device: str, extra: Sequence[str]) -> Any:
+    """The workload's config, composed as run.py composes it (``steps`` None: the experiment's own server steps)."""
     from qafel.experiment.compose import compose
 
     overrides, _ = WORKLOADS[name]
-    return compose([*overrides, f"paths.data_root={data_root()}", f"device={device}", f"run.server_steps={steps}",
+    length = [] if steps is None else [f"run.server_steps={steps}"]
+    return compose([*overrides, f"paths.data_root={data_root()}", f"device={device}", *length,
                     "tracking=none", "run.progress=false", "run.checkpoint_every=0", *extra])
+
+
+def full_run_projection(row: dict[str, Any], evaluations: int, eval_seconds: float, full_steps: int,
+                        eval_every: int) -> dict[str, Any]:
+    """The measured costs carried over to the experiment's whole run (``full_steps`` server steps, an evaluation
+    every ``eval_every`` and at the end): everything but evaluation scales with the uploads, evaluation with the
+    number of evaluations. A short benchmark evaluates far more often per upload than the run it stands for
+    (step 0 and the last step included), so its own ``efficiency`` understates a whole run's."""
+    full_evaluations = 1 + full_steps // eval_every + (1 if full_steps % eval_every else 0)
+    full_uploads = row["uploads"] / max(1, row["server_steps"]) * full_steps
+    per_upload = (row["loop_s"] - eval_seconds) / max(1, row["uploads"])
+    full_loop = full_uploads * per_upload + full_evaluations * eval_seconds / max(1, evaluations)
+    out: dict[str, Any] = {"evaluations": evaluations, "full_run_server_steps": full_steps,
+                           "full_run_evaluations": full_evaluations, "full_run_uploads": round(full_uploads),
+                           "full_run_hours": (full_loop + row["data_setup_s"]) / 3600}
+    if row.get("trainer_updates_per_s"):
+        out["full_run_efficiency"] = full_uploads / full_loop / row["trainer_updates_per_s"]
+    return out
 
 
 def measure(name: str, steps: int, device: str, extra: Sequence[str], replay: bool = True) -> dict[str, Any]:
@@ -91,6 +120,7 @@ def measure(name: str, steps: int, device: str, extra: Sequence[str], replay: bo
     from qafel.experiment.runner import make_engine, setup_run
 
     cfg = compose_workload(name, steps, device, extra)
+    full = compose_workload(name, None, device, extra).run
     timer = Timer()
     t0 = time.perf_counter()
     s = setup_run(cfg)
@@ -136,6 +166,8 @@ def measure(name: str, steps: int, device: str, extra: Sequence[str], replay: bo
         alone = time.perf_counter() - t2
         row.update(jobs_trained=jobs, jobs_per_call=jobs / max(1, len(calls)), trainer_s=alone,
                    trainer_updates_per_s=jobs / alone, efficiency=(summary["uploads"] / loop) / (jobs / alone))
+    row.update(full_run_projection(row, timer.calls["evaluation"], timer.seconds["evaluation"],
+                                   int(full.server_steps), int(full.eval_every)))
     return row
 
 
@@ -191,6 +223,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{row['trainer_updates_per_s']:9.1f} upd/s  efficiency {row['efficiency']:.2f}  "
                   f"({row['jobs_per_call']:.1f} jobs/call)  "
                   + "  ".join(f"{part} {row[f'{part}_fraction']:.0%}" for part in PARTS)
+                  + f"  | full run ({row['full_run_server_steps']} steps, {row['full_run_evaluations']} evaluations):"
+                  f" efficiency {row['full_run_efficiency']:.2f}, {row['full_run_hours']:.2f} h"
                   + (f"  {args.concurrent} at once: {row['concurrent_updates_per_s']:.1f} upd/s"
                      if args.concurrent else ""), flush=True)
     if args.json:

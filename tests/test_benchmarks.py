@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -66,3 +67,22 @@ def test_bench_end_to_end_json_breaks_the_run_down_and_replays_the_trainer():
         assert abs(r["efficiency"] - r["e2e_updates_per_s"] / r["trainer_updates_per_s"]) < 1e-9 * r["efficiency"]
         assert r["jobs_per_call"] == r["jobs_trained"] / r["trainer_calls"]
         assert r["concurrent"] == 2 and r["concurrent_updates_per_s"] > 0
+        assert r["evaluations"] == 3  # steps 0, 2 and 4
+    # the whole run each workload stands for: its experiment's server steps, an evaluation every 2 and at the end
+    assert [(r["full_run_server_steps"], r["full_run_evaluations"], r["full_run_uploads"]) for r in rows] == [
+        (10000, 5001, 100000), (25000, 12501, 250000)]
+
+
+def test_full_run_projection_scales_evaluation_by_evaluations_and_the_rest_by_uploads():
+    spec = importlib.util.spec_from_file_location("bench_end_to_end", REPO / "benchmarks" / "bench_end_to_end.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    full_run_projection = bench.full_run_projection
+    # 40 uploads in 10 s of loop, 4 s of it in 4 evaluations; training alone 8 uploads/s
+    row = {"uploads": 40, "server_steps": 4, "loop_s": 10.0, "data_setup_s": 36.0, "trainer_updates_per_s": 8.0}
+    out = full_run_projection(row, evaluations=4, eval_seconds=4.0, full_steps=100, eval_every=30)
+    assert out["full_run_evaluations"] == 5  # steps 0, 30, 60, 90 and the last, 100
+    assert out["full_run_uploads"] == 1000
+    full_loop = 1000 * 6.0 / 40 + 5 * 1.0  # 0.15 s per upload outside evaluation, 1 s per evaluation
+    assert out["full_run_hours"] == (full_loop + 36.0) / 3600
+    assert abs(out["full_run_efficiency"] - 1000 / full_loop / 8.0) < 1e-12
