@@ -211,6 +211,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra Hydra override")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    from qafel.errors import QafelError
+
+    try:
+        rows = run_workloads(args)
+    except QafelError as exc:  # a bad --set, a missing data file, device=cuda without a GPU: one line
+        print(f"bench_end_to_end.py: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    return 0
+
+
+def run_workloads(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Measure each chosen workload (printing a table row per workload unless ``--json``)."""
     rows = []
     for name in args.only or list(WORKLOADS):
         steps = args.steps or WORKLOADS[name][1]
@@ -227,9 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f" efficiency {row['full_run_efficiency']:.2f}, {row['full_run_hours']:.2f} h"
                   + (f"  {args.concurrent} at once: {row['concurrent_updates_per_s']:.1f} upd/s"
                      if args.concurrent else ""), flush=True)
-    if args.json:
-        print(json.dumps(rows, indent=1))
-    return 0
+    return rows
 
 
 if __name__ == "__main__":

@@ -86,3 +86,14 @@ def test_full_run_projection_scales_evaluation_by_evaluations_and_the_rest_by_up
     full_loop = 1000 * 6.0 / 40 + 5 * 1.0  # 0.15 s per upload outside evaluation, 1 s per evaluation
     assert out["full_run_hours"] == (full_loop + 36.0) / 3600
     assert abs(out["full_run_efficiency"] - 1000 / full_loop / 8.0) < 1e-12
+
+
+def test_bench_end_to_end_refuses_a_bad_setting_in_one_line_with_exit_2():
+    root = need_data_file("mushrooms.libsvm").parent
+    env = {**os.environ, "QAFEL_DATA_ROOT": str(root)}
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_end_to_end.py"), "--only", "paper_logreg", "--steps", "2",
+           "--set", "client_quantizer.bits=0"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.startswith("bench_end_to_end.py: ") and out.stderr.count("\n") == 1
+    assert "client_quantizer" in out.stderr
