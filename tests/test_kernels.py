@@ -67,6 +67,22 @@ def test_fast_path_takes_channels_last_input_and_a_zero_weight_falls_back():
     torch.testing.assert_close(gx, ref, rtol=1e-12, atol=1e-12)
 
 
+def test_without_gradients_the_fast_path_gives_the_training_forwards_exact_bits():
+    """Evaluation (no_grad, or inputs needing no gradient) skips the pool's indices and autograd: same bits."""
+    from qafel.models.kernels import _CHANNEL
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(8, 32, 19, 19, generator=gen).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.rand(32, generator=gen) + 0.1, torch.randn(32, generator=gen)
+    trained = _CHANNEL[1].apply(x.clone().requires_grad_(True), weight, bias, 1e-5)[0].detach()
+    with torch.no_grad():
+        assert torch.equal(group_norm_relu_maxpool(x, 32, weight, bias, fast=True), trained)
+    assert torch.equal(group_norm_relu_maxpool(x, 32, weight, bias, fast=True), trained)
+    assert group_norm_relu_maxpool(x, 32, weight, bias, fast=True).is_contiguous(memory_format=torch.channels_last)
+    with_grad = group_norm_relu_maxpool(x.clone().requires_grad_(True), 32, weight, bias, fast=True)
+    assert with_grad.grad_fn is not None and torch.equal(with_grad.detach(), trained)
+
+
 @pytest.mark.parametrize("fast", [False, True])
 def test_ties_inside_a_window_route_the_gradient_as_max_pool2d_does(fast):
     # integer-valued inputs make many equal maxima in a window (and all-negative windows after ReLU)
