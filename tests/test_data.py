@@ -230,6 +230,20 @@ def test_synthetic_images_shapes_and_seeding():
         load_raw({**cfg, "channels": 0}, ".", 0)
 
 
+def test_synthetic_images_are_half_a_class_prototype_plus_unit_noise_exactly():
+    """The documented recipe, written out whole (the loader builds it in place, in slices of 4,096 rows)."""
+    n, classes, size = 9000, 4, 8
+    got = load_raw({"name": "synthetic_images", "channels": 2, "image_size": size, "num_classes": classes,
+                    "num_samples": n}, ".", 3)
+    rng = np.random.default_rng([3, 0x1A6E])
+    coarse = rng.normal(size=(classes, 2, 4, 4)).astype(np.float32)
+    protos = np.kron(coarse, np.ones((1, 1, 2, 2), dtype=np.float32))
+    y = rng.integers(classes, size=n).astype(np.int64)
+    X = 0.5 * protos[y] + rng.standard_normal(size=(n, 2, size, size), dtype=np.float32)
+    assert got.X.dtype == np.float32 and np.array_equal(got.y, y)
+    assert np.array_equal(got.X.view(np.int32), X.astype(np.float32).view(np.int32))  # the same bits
+
+
 def test_real_dataset_shapes_are_checked(tmp_path):
     write_fashion_mnist(tmp_path, n_train=10, n_test=5)
     with pytest.raises(ConfigError, match="dataset.channels"):
