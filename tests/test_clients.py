@@ -139,6 +139,30 @@ def test_engine_results_do_not_depend_on_job_threads():
     assert torch.equal(finals[1], finals[2])
 
 
+def test_jobs_in_threads_start_longest_first_and_come_back_in_call_order(monkeypatch):
+    s = setup_run(compose_cfg(*FAST, "model=cnn", "dataset.as_images=true", "dataset.num_clients=20",
+                              "client.local_steps=null", "client.local_epochs=1", "client.batch_size=8"))
+    sizes = s.data.client_sizes.tolist()
+    clients = sorted(range(20), key=lambda c: sizes[c])[:3] + sorted(range(20), key=lambda c: -sizes[c])[:3]
+    assert len({sizes[c] for c in clients}) > 2  # unequal jobs, the shortest first in the call
+    starts = s.x0.repeat(len(clients), 1) + 0.01 * torch.randn(len(clients), s.model.d,
+                                                               generator=torch.Generator().manual_seed(2))
+    seeds = [100 + j for j in range(len(clients))]
+    submitted = []
+    real = system.map_in_threads
+
+    def spy(threads, fn, starts_, clients_, seeds_):
+        submitted.append(list(clients_))
+        return real(threads, fn, starts_, clients_, seeds_)
+
+    monkeypatch.setattr("qafel.sim.clients.map_in_threads", spy)
+    trainer = ClientTrainer(s.model, s.data, local_training(s.cfg), job_threads=2)
+    got = trainer.train(starts, clients, seeds)
+    assert [sizes[c] for c in submitted[0]] == sorted((sizes[c] for c in clients), reverse=True)
+    one_by_one = torch.stack([trainer.train_one(starts[j], clients[j], seeds[j]) for j in range(len(clients))])
+    assert torch.equal(got, one_by_one)
+
+
 def test_evaluation_does_not_depend_on_threads_or_chunks():
     s = setup_run(compose_cfg(*FAST, "model=cnn", "dataset.as_images=true", "run.job_threads=2"))
     assert s.evaluator.threads == 2

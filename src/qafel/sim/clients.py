@@ -88,6 +88,7 @@ class ClientTrainer:
         self.data = data
         self.local = local
         self.job_threads = job_threads
+        self._sizes: list[int] | None = None
 
     def train_one(self, start: torch.Tensor, client: int, seed: int) -> torch.Tensor:
         """Δ for one job of ``client`` from start model ``start`` with the job's seed."""
@@ -110,10 +111,26 @@ class ClientTrainer:
         return start - w
 
     def train(self, starts: torch.Tensor, clients: list[int], seeds: list[int]) -> torch.Tensor:
-        """Δ for a batch of jobs: row j starts from ``starts[j]`` on ``clients[j]`` with ``seeds[j]``."""
+        """Δ for a batch of jobs: row j starts from ``starts[j]`` on ``clients[j]`` with ``seeds[j]``.
+
+        In threads, the jobs start longest first (by samples processed), so that a long job at the end of a
+        call does not leave the other threads idle: client sizes under a power law differ by tens of times.
+        """
         if self.job_threads > 1 and len(clients) > 1:
-            return torch.stack(map_in_threads(self.job_threads, self.train_one, starts.unbind(0), clients, seeds))
+            sizes = self._client_sizes()
+            order = sorted(range(len(clients)), key=lambda j: -self.local.samples_for(sizes[clients[j]]))
+            done = map_in_threads(self.job_threads, self.train_one, [starts[j] for j in order],
+                                  [clients[j] for j in order], [seeds[j] for j in order])
+            deltas: list[torch.Tensor] = [starts] * len(clients)
+            for j, delta in zip(order, done, strict=True):
+                deltas[j] = delta
+            return torch.stack(deltas)
         return torch.stack([self.train_one(starts[j], clients[j], seeds[j]) for j in range(len(clients))])
+
+    def _client_sizes(self) -> list[int]:
+        if self._sizes is None:
+            self._sizes = [int(n) for n in self.data.client_sizes.tolist()]
+        return self._sizes
 
 
 class BatchedTrainer(ClientTrainer):
