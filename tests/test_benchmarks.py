@@ -65,6 +65,9 @@ def test_bench_end_to_end_json_breaks_the_run_down_and_replays_the_trainer():
         assert abs(sum(r[f"{p}_fraction"] for p in parts) - 1) < 1e-9
         assert all(r[f"{p}_fraction"] >= 0 for p in parts if p != "bookkeeping")
         assert abs(r["efficiency"] - r["e2e_updates_per_s"] / r["trainer_updates_per_s"]) < 1e-9 * r["efficiency"]
+        evaluation_s = r["evaluation_fraction"] * (r["loop_s"] + r["data_setup_s"])
+        assert abs(r["efficiency_without_evaluation"] * (r["loop_s"] - evaluation_s)
+                   - r["efficiency"] * r["loop_s"]) < 1e-9 * r["loop_s"]
         assert r["jobs_per_call"] == r["jobs_trained"] / r["trainer_calls"]
         assert r["concurrent"] == 2 and r["concurrent_updates_per_s"] > 0
         assert r["evaluations"] == 3  # steps 0, 2 and 4
@@ -78,12 +81,14 @@ def test_full_run_projection_scales_evaluation_by_evaluations_and_the_rest_by_up
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     full_run_projection = bench.full_run_projection
-    # 40 uploads in 10 s of loop, 4 s of it in 4 evaluations; training alone 8 uploads/s
-    row = {"uploads": 40, "server_steps": 4, "loop_s": 10.0, "data_setup_s": 36.0, "trainer_updates_per_s": 8.0}
+    # 40 uploads (50 jobs trained: 10 still in flight at the end) in 10 s of loop, 4 s of it in 4 evaluations;
+    # training alone 8 jobs/s
+    row = {"uploads": 40, "jobs_trained": 50, "server_steps": 4, "loop_s": 10.0, "data_setup_s": 36.0,
+           "trainer_updates_per_s": 8.0}
     out = full_run_projection(row, evaluations=4, eval_seconds=4.0, full_steps=100, eval_every=30)
     assert out["full_run_evaluations"] == 5  # steps 0, 30, 60, 90 and the last, 100
     assert out["full_run_uploads"] == 1000
-    full_loop = 1000 * 6.0 / 40 + 5 * 1.0  # 0.15 s per upload outside evaluation, 1 s per evaluation
+    full_loop = 1000 * 6.0 / 50 + 5 * 1.0  # 0.12 s per job outside evaluation, 1 s per evaluation
     assert out["full_run_hours"] == (full_loop + 36.0) / 3600
     assert abs(out["full_run_efficiency"] - 1000 / full_loop / 8.0) < 1e-12
 
