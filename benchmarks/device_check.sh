@@ -10,7 +10,7 @@ mkdir -p "$out"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" WANDB_MODE=offline WANDB_SILENT=true
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" >> "$out/gpu.txt" 2>&1
-timeout 150 python -m pytest -q -p no:cacheprovider tests/test_cuda.py > "$out/test_cuda.txt" 2>&1
+timeout 150 python -m pytest -o addopts="" -q -p no:cacheprovider tests/test_cuda.py  # in one process, xdist or not > "$out/test_cuda.txt" 2>&1
 echo "test_cuda.py: rc $?"
 timeout 330 python benchmarks/bench_end_to_end.py --device cuda --concurrent 4 --json \
     > "$out/end_to_end.json" 2> "$out/end_to_end.err"
